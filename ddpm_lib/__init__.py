@@ -1,0 +1,20 @@
+"""ddpm_lib: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020), explained and reproduced.
+
+Time indices are 0-based throughout, as in the paper's official code: index i is the paper's
+t = i + 1 (so index 0 is the decoder step t = 1, and index T − 1 is t = T).
+"""
+
+from .configs import Config, DiffusionConfig, ModelConfig, TrainConfig, get_config
+from .diffusion import GaussianDiffusion
+from .schedules import make_beta_schedule
+
+__all__ = [
+    "Config",
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "ModelConfig",
+    "TrainConfig",
+    "get_config",
+    "make_beta_schedule",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,133 @@
+"""Named configurations: the paper's recipes (App. B) and small ones for CPU demos and tests.
+
+A configuration is plain data (frozen dataclasses). ``get_config(name)`` returns one by name;
+``dataclasses.replace`` makes variants. The ``cifar10`` config is the paper's CIFAR10 recipe
+(Ho et al. 2020, §4 and App. B; official ``scripts/run_cifar.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The UNet of App. B (a PixelCNN++-style backbone with group norm and self-attention)."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    out_channels: int = 3  # 2 * in_channels when the variance is learned
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_groups: int = 32
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and the parameterization of the reverse process (§2–3, Table 2)."""
+
+    schedule: str = "linear"  # β_1 = 1e-4 … β_T = 0.02
+    T: int = 1000
+    mean_type: str = "eps"
+    var_type: str = "fixed_large"  # σ_t² = β_t, the official CIFAR10 choice
+    loss_type: str = "simple"  # L_simple, eq. 14
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Algorithm 1 at the paper's scale (App. B)."""
+
+    dataset: str = "cifar10"  # "cifar10" or a folder of images
+    batch_size: int = 128  # global batch, split over processes
+    lr: float = 2e-4
+    warmup: int = 5000  # linear learning-rate warm-up, in steps
+    grad_clip: float = 1.0  # global gradient-norm clip
+    ema_decay: float = 0.9999
+    steps: int = 800_000
+    random_flip: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        from .diffusion import GaussianDiffusion
+
+        d, m = self.diffusion, self.model
+        GaussianDiffusion.from_config(d)  # raises ValueError naming a bad schedule/mean/var/loss choice
+        want = 2 * m.in_channels if d.var_type == "learned" else m.in_channels
+        if m.out_channels != want:
+            raise ValueError(
+                f"model.out_channels={m.out_channels} does not fit var_type={d.var_type!r}: "
+                f"expected {want} (2 × in_channels when the variance is learned)"
+            )
+
+
+CONFIGS: dict[str, Config] = {
+    # The paper's CIFAR10 model: 35,746,307 parameters.
+    "cifar10": Config("cifar10"),
+    # LSUN / CelebA-HQ 256×256: 114M parameters, lr 2e-5 (App. B).
+    "lsun256": Config(
+        "lsun256",
+        model=ModelConfig(image_size=256, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+        train=TrainConfig(dataset="", batch_size=64, lr=2e-5),
+    ),
+    # A small 32×32 model for CPU demos (the book's shared model).
+    "small": Config(
+        "small",
+        model=ModelConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, num_groups=16),
+        train=TrainConfig(batch_size=64, warmup=200, ema_decay=0.999, steps=20_000),
+    ),
+    # Trains in seconds on a CPU: for tests and smoke runs.
+    "tiny": Config(
+        "tiny",
+        model=ModelConfig(
+            image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+            dropout=0.0, num_groups=8,
+        ),
+        diffusion=DiffusionConfig(T=100),
+        train=TrainConfig(batch_size=8, warmup=10, ema_decay=0.99, steps=50),
+    ),
+}
+
+
+def get_config(name: str) -> Config:
+    """The named configuration; ValueError lists the valid names."""
+    if name not in CONFIGS:
+        raise ValueError(f"config={name!r} is unknown; valid names: {sorted(CONFIGS)}")
+    return CONFIGS[name]
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """A JSON-ready nested dict (tuples become lists)."""
+    def conv(obj):
+        if hasattr(obj, "__dataclass_fields__"):
+            return {f.name: conv(getattr(obj, f.name)) for f in fields(obj)}
+        if isinstance(obj, tuple):
+            return [conv(v) for v in obj]
+        return obj
+    return conv(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Inverse of ``config_to_dict``; unknown keys raise ValueError naming them."""
+    def build(cls, sub: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = set(sub) - names
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()})
+    return Config(
+        name=d["name"],
+        model=build(ModelConfig, d.get("model", {})),
+        diffusion=build(DiffusionConfig, d.get("diffusion", {})),
+        train=build(TrainConfig, d.get("train", {})),
+    )

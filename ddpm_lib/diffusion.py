@@ -1,0 +1,417 @@
+"""The diffusion model of the paper (§2–3): forward process, reverse process, bound and sampler.
+
+One class, ``GaussianDiffusion``, holds the whole math. It owns no network: a model is any
+callable ``model(x_t, t)`` that maps a batch x_t [B, C, H, W] and timestep indices t (LongTensor [B])
+to a prediction of the same shape, or 2C channels when the variance is learned (mean part first).
+
+**Time indices.** As in the official code, timesteps are 0-based: index ``i`` (0 … T−1) is the
+paper's t = i + 1. So ``t = 0`` here is the paper's t = 1, the decoder step L_0, and ``t = T − 1``
+is the paper's t = T, the first step of sampling.
+
+Where the official code differs from the paper's text we follow the official code and say so:
+
+* x̂_0 is clipped to [−1, 1] before it enters the posterior mean when sampling
+  (``clip_denoised=True``). Eq. 11 without clipping is ``clip_denoised=False``; both define a valid
+  reverse process, so the bound stays a bound either way.
+* The variance at the paper's t = 1 (index 0): β̃_1 = 0, so its log is replaced by log β̃_2 for
+  ``fixed_small`` and ``fixed_large`` alike (the official code does this for the decoder's scale,
+  which is the only place index 0's variance is used: sampling adds no noise at t = 1).
+* Schedule constants are computed in float64; they are cast to the data's dtype when gathered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .schedules import make_beta_schedule
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+MEAN_TYPES = ("eps", "x0", "mu")
+VAR_TYPES = ("fixed_large", "fixed_small", "learned")
+LOSS_TYPES = ("simple", "vlb")
+
+
+def _check_choice(arg: str, value: str, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ValueError(f"{arg}={value!r} is not valid; choose one of {tuple(valid)}")
+
+
+def model_device(model: Model) -> torch.device:
+    """The device of a model's parameters; CPU for a parameterless callable."""
+    params = getattr(model, "parameters", None)
+    if params is not None:
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+class GaussianDiffusion:
+    """Forward process q, reverse process p_θ and their bound, for a fixed schedule β_1 … β_T.
+
+    Args:
+        betas: β_1 … β_T, a 1-D tensor (stored in float64), each in (0, 1].
+        mean_type: what the network predicts (§3.2, Table 2): ``"eps"`` the noise ε (eq. 11),
+            ``"x0"`` the clean image x_0, ``"mu"`` the posterior mean μ̃ directly.
+        var_type: the reverse variance Σ_θ = σ_t² I (§3.2): ``"fixed_large"`` σ_t² = β_t,
+            ``"fixed_small"`` σ_t² = β̃_t (eq. 7), ``"learned"`` a diagonal log-variance
+            output by the network (Table 2, "learned diagonal Σ").
+        loss_type: ``"simple"`` L_simple (eq. 14; for mean types x0 and mu the same unweighted
+            squared error on their own target), or ``"vlb"`` the true bound L (eq. 5).
+    """
+
+    def __init__(
+        self,
+        betas: torch.Tensor | Sequence[float],
+        mean_type: str = "eps",
+        var_type: str = "fixed_large",
+        loss_type: str = "simple",
+    ) -> None:
+        _check_choice("mean_type", mean_type, MEAN_TYPES)
+        _check_choice("var_type", var_type, VAR_TYPES)
+        _check_choice("loss_type", loss_type, LOSS_TYPES)
+        if loss_type == "simple" and var_type == "learned":
+            raise ValueError(
+                "loss_type='simple' gives a learned variance no gradient; with var_type='learned' "
+                "use loss_type='vlb' (Table 2 trains learned Σ with the true bound L)"
+            )
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        if betas.ndim != 1 or len(betas) < 2:
+            raise ValueError(f"betas must be 1-D with at least 2 entries, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
+        self.num_timesteps = len(betas)
+
+        # All constants in float64 (index i ↔ paper's t = i + 1).
+        alphas = 1.0 - betas
+        alpha_bar = torch.cumprod(alphas, 0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        beta_tilde = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # eq. 7
+        log_beta_tilde = torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]]))  # β̃_1 = 0: use β̃_2
+        self._consts: dict[str, torch.Tensor] = {
+            "betas": betas,
+            "alphas": alphas,
+            "alpha_bar": alpha_bar,
+            "alpha_bar_prev": alpha_bar_prev,
+            "sqrt_alpha_bar": alpha_bar.sqrt(),
+            "sqrt_one_minus_alpha_bar": (1.0 - alpha_bar).sqrt(),
+            "sqrt_recip_alpha_bar": (1.0 / alpha_bar).sqrt(),
+            "sqrt_recipm1_alpha_bar": (1.0 / alpha_bar - 1.0).sqrt(),
+            "sqrt_alphas": alphas.sqrt(),
+            "sqrt_betas": betas.sqrt(),
+            "beta_tilde": beta_tilde,
+            "log_beta_tilde": log_beta_tilde,
+            # eq. 7: μ̃_t(x_t, x_0) = coef_x0 · x_0 + coef_xt · x_t
+            "coef_x0": betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar),
+            "coef_xt": (1.0 - alpha_bar_prev) * alphas.sqrt() / (1.0 - alpha_bar),
+            # fixed variances of p_θ; index 0 takes β̃_2 (see the module docstring)
+            "log_var_fixed_large": torch.log(torch.cat([beta_tilde[1:2], betas[1:]])),
+            "log_var_fixed_small": log_beta_tilde,
+        }
+        self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, cfg) -> GaussianDiffusion:
+        """From a ``configs.DiffusionConfig`` (or anything with its fields)."""
+        return cls(make_beta_schedule(cfg.schedule, cfg.T), cfg.mean_type, cfg.var_type, cfg.loss_type)
+
+    # ------------------------------------------------------------------ helpers
+
+    def const(self, name: str) -> torch.Tensor:
+        """A schedule constant as a float64 CPU tensor [T] (e.g. ``"alpha_bar"``, ``"beta_tilde"``)."""
+        return self._consts[name]
+
+    @property
+    def betas(self) -> torch.Tensor:
+        return self._consts["betas"]
+
+    @property
+    def alpha_bar(self) -> torch.Tensor:
+        return self._consts["alpha_bar"]
+
+    def _extract(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Gather constant ``name`` at indices t and shape it [B, 1, 1, …] to broadcast against ``like``.
+
+        Constants are cast once per (device, dtype) from their float64 values; a float64 input
+        keeps float64 precision, a float32 or bf16 one gets float32.
+        """
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        key = (like.device, dtype)
+        if key not in self._cache:
+            self._cache[key] = {k: v.to(device=like.device, dtype=dtype) for k, v in self._consts.items()}
+        out = self._cache[key][name][t]
+        return out.reshape(t.shape[0], *([1] * (like.ndim - 1)))
+
+    def _check_t(self, t: torch.Tensor, batch: int) -> None:
+        if t.dtype not in (torch.int64, torch.int32) or t.shape != (batch,):
+            raise ValueError(f"t must be an integer tensor of shape [{batch}], got {t.dtype} {tuple(t.shape)}")
+
+    @staticmethod
+    def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Standard normal noise drawn from ``generator`` (on its own device), moved next to ``like``."""
+        gdev = generator.device if generator is not None else like.device
+        return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(
+            device=like.device, dtype=like.dtype
+        )
+
+    # ------------------------------------------------------------------ forward process q
+
+    def q_step(self, x_prev: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eq. 2: one step of the forward chain, x_t ~ N(√(1−β_t) x_{t−1}, β_t I)."""
+        if noise is None:
+            noise = self._randn(x_prev.shape, x_prev, generator)
+        return (self._extract("sqrt_alphas", t, x_prev) * x_prev
+                + self._extract("sqrt_betas", t, x_prev) * noise)
+
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
+        """Eq. 4: q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) → (mean, variance, log_variance)."""
+        mean = self._extract("sqrt_alpha_bar", t, x0) * x0
+        var = 1.0 - self._extract("alpha_bar", t, x0)
+        return mean, var.expand_as(x0), torch.log(var).expand_as(x0)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Eq. 4 as a sample: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, ε ~ N(0, I)."""
+        self._check_t(t, x0.shape[0])
+        if noise is None:
+            noise = self._randn(x0.shape, x0, generator)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
+        return (self._extract("sqrt_alpha_bar", t, x0) * x0
+                + self._extract("sqrt_one_minus_alpha_bar", t, x0) * noise)
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Eqs. 6–7: q(x_{t−1} | x_t, x_0) = N(μ̃_t(x_t, x_0), β̃_t I) → (mean, variance, log_variance).
+
+        The log-variance at index 0 uses β̃_2, since β̃_1 = 0 (see the module docstring).
+        """
+        mean = self._extract("coef_x0", t, x_t) * x0 + self._extract("coef_xt", t, x_t) * x_t
+        var = self._extract("beta_tilde", t, x_t).expand_as(x_t)
+        log_var = self._extract("log_beta_tilde", t, x_t).expand_as(x_t)
+        return mean, var, log_var
+
+    # ------------------------------------------------------------------ conversions between predictions
+
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 solved for x_0: x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t."""
+        return (self._extract("sqrt_recip_alpha_bar", t, x_t) * x_t
+                - self._extract("sqrt_recipm1_alpha_bar", t, x_t) * eps)
+
+    def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Eq. 4 solved for ε: ε̂ = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t)."""
+        return ((self._extract("sqrt_recip_alpha_bar", t, x_t) * x_t - x0)
+                / self._extract("sqrt_recipm1_alpha_bar", t, x_t))
+
+    def predict_x0_from_mean(self, x_t: torch.Tensor, t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """Eq. 7 solved for x_0, for a network that predicts μ̃ directly."""
+        return (mean - self._extract("coef_xt", t, x_t) * x_t) / self._extract("coef_x0", t, x_t)
+
+    def eps_to_score(self, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """§3.2: the score of q(x_t) from ε, ∇ log q(x_t) ≈ s_θ(x_t, t) = −ε_θ(x_t, t) / √(1 − ᾱ_t)."""
+        return -eps / self._extract("sqrt_one_minus_alpha_bar", t, eps)
+
+    def score_to_eps(self, score: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``eps_to_score``: ε = −√(1 − ᾱ_t) · score."""
+        return -score * self._extract("sqrt_one_minus_alpha_bar", t, score)
+
+    # ------------------------------------------------------------------ reverse process p_θ
+
+    def _split_output(self, out: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        C = x_t.shape[1]
+        want = 2 * C if self.var_type == "learned" else C
+        if out.shape[0] != x_t.shape[0] or out.shape[1] != want or out.shape[2:] != x_t.shape[2:]:
+            raise ValueError(
+                f"model output has shape {tuple(out.shape)}; var_type={self.var_type!r} needs "
+                f"{(x_t.shape[0], want, *x_t.shape[2:])}"
+            )
+        if self.var_type == "learned":
+            return out[:, :C], out[:, C:]
+        return out, None
+
+    def p_mean_variance_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                                    clip_denoised: bool = True) -> dict[str, torch.Tensor]:
+        """The Gaussian p_θ(x_{t−1} | x_t) (eq. 1) from a network output already computed.
+
+        Returns ``mean``, ``variance``, ``log_variance``, ``pred_x0`` (x̂_0) and ``pred_eps`` (ε̂).
+        """
+        out = out.to(x_t.dtype)
+        mean_out, var_out = self._split_output(out, x_t)
+        if self.var_type == "learned":
+            log_var = var_out
+        else:
+            log_var = self._extract(f"log_var_{self.var_type}", t, x_t).expand_as(x_t)
+
+        def clip(x: torch.Tensor) -> torch.Tensor:
+            return x.clamp(-1.0, 1.0) if clip_denoised else x
+
+        if self.mean_type == "mu":
+            mean = mean_out  # the official code does not clip a predicted mean
+            pred_x0 = clip(self.predict_x0_from_mean(x_t, t, mean_out))
+        else:
+            # eps: eq. 11 written as μ̃_t(x_t, x̂_0(x_t, ε_θ)); identical to eq. 11 when not clipped.
+            raw_x0 = self.predict_x0_from_eps(x_t, t, mean_out) if self.mean_type == "eps" else mean_out
+            pred_x0 = clip(raw_x0)
+            mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        pred_eps = mean_out if self.mean_type == "eps" else self.predict_eps_from_x0(x_t, t, pred_x0)
+        return {"mean": mean, "variance": torch.exp(log_var), "log_variance": log_var,
+                "pred_x0": pred_x0, "pred_eps": pred_eps}
+
+    def p_mean_variance(self, model: Model, x_t: torch.Tensor, t: torch.Tensor,
+                        clip_denoised: bool = True) -> dict[str, torch.Tensor]:
+        """Eq. 1 with §3.2's parameterizations: mean μ_θ(x_t, t) and variance Σ_θ = σ_t² I."""
+        self._check_t(t, x_t.shape[0])
+        return self.p_mean_variance_from_output(model(x_t, t), x_t, t, clip_denoised)
+
+    def mean_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Eq. 11: μ_θ(x_t, t) = (x_t − β_t / √(1 − ᾱ_t) · ε_θ) / √α_t."""
+        coef = self._extract("betas", t, x_t) / self._extract("sqrt_one_minus_alpha_bar", t, x_t)
+        return (x_t - coef * eps) / self._extract("sqrt_alphas", t, x_t)
+
+    # ------------------------------------------------------------------ the bound (eq. 5)
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim, per example [B] (≈ 1e-5 for the paper's β)."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, log_var = self.q_mean_variance(x0, t)
+        return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / math.log(2)
+
+    def vb_terms_bpd_from_output(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
+                                 t: torch.Tensor, clip_denoised: bool = True) -> dict[str, torch.Tensor]:
+        """One term of eq. 5 per example, in bits/dim: L_{t−1} for t ≥ 1 (index > 0), L_0 at index 0.
+
+        L_{t−1} = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)) (eq. 5), a KL between Gaussians;
+        L_0 = −log p_θ(x_0 | x_1), the discretized Gaussian decoder of eq. 13.
+        """
+        true_mean, _, true_log_var = self.q_posterior(x0, x_t, t)
+        p = self.p_mean_variance_from_output(out, x_t, t, clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2)
+        nll = -mean_flat(
+            discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])
+        ) / math.log(2)
+        return {"output": torch.where(t == 0, nll, kl), "pred_x0": p["pred_x0"]}
+
+    @torch.no_grad()
+    def vlb_bpd(self, model: Model, x0: torch.Tensor, clip_denoised: bool = True,
+                generator: torch.Generator | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+        """The whole bound of eq. 5 for each example, in bits per dimension.
+
+        Returns ``total`` [B] = ``prior`` [B] + ``terms`` [B, T].sum(1), where ``terms[:, 0]`` is the
+        decoder NLL L_0 and ``terms[:, i]`` (i ≥ 1) is L_{t−1} at t = i + 1, each from one sample of
+        x_t ~ q(x_t | x_0); also ``x0_mse`` [B, T], the squared error of x̂_0 at each step (for
+        rate–distortion, §4.3). x0 must lie on the 256-level grid in [−1, 1].
+        """
+        B, T = x0.shape[0], self.num_timesteps
+        terms = torch.zeros(B, T, dtype=torch.float64, device=x0.device)
+        mse = torch.zeros_like(terms)
+        steps = range(T - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="bound")
+        for i in steps:
+            t = torch.full((B,), i, device=x0.device, dtype=torch.long)
+            x_t = self.q_sample(x0, t, generator=generator)
+            r = self.vb_terms_bpd_from_output(model(x_t, t), x0, x_t, t, clip_denoised)
+            terms[:, i] = r["output"].to(torch.float64)
+            mse[:, i] = mean_flat((r["pred_x0"] - x0) ** 2).to(torch.float64)
+        prior = self.prior_bpd(x0).to(torch.float64)
+        return {"total": prior + terms.sum(1), "prior": prior, "terms": terms, "x0_mse": mse}
+
+    # ------------------------------------------------------------------ Algorithm 1: training
+
+    def training_losses(self, model: Model, x0: torch.Tensor, t: torch.Tensor | None = None,
+                        noise: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Algorithm 1's loss for each example, shape [B], in float32.
+
+        t ~ Uniform{0, …, T−1} and ε ~ N(0, I) are drawn from ``generator`` unless given.
+        ``loss_type="simple"``: eq. 14, ‖target − network output‖² averaged over pixels, where the
+        target is ε, x_0 or μ̃_t(x_t, x_0) for mean types eps, x0 and mu (Table 2's rows).
+        ``loss_type="vlb"``: the term of eq. 5 at the drawn t, in bits/dim (L_0 at index 0); its
+        expectation over t times T, plus L_T, is the bound per dimension. Learned variances train
+        only through this loss.
+        """
+        B = x0.shape[0]
+        if t is None:
+            gdev = generator.device if generator is not None else x0.device
+            t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=gdev).to(x0.device)
+        self._check_t(t, B)
+        if noise is None:
+            noise = self._randn(x0.shape, x0, generator)
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, t).float()
+        x0f, x_tf = x0.float(), x_t.float()
+        if self.loss_type == "vlb":
+            return self.vb_terms_bpd_from_output(out, x0f, x_tf, t, clip_denoised=False)["output"]
+        target = {
+            "eps": lambda: noise.float(),
+            "x0": lambda: x0f,
+            "mu": lambda: self.q_posterior(x0f, x_tf, t)[0],
+        }[self.mean_type]()
+        return mean_flat((target - out) ** 2)
+
+    # ------------------------------------------------------------------ Algorithm 2: sampling
+
+    @torch.no_grad()
+    def p_sample(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Algorithm 2, line 4: x_{t−1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I), and z = 0 at t = 1 (index 0)."""
+        p = self.p_mean_variance(model, x_t, t, clip_denoised)
+        z = self._randn(x_t.shape, x_t, generator)
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        sample = p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * z
+        return {"sample": sample, "pred_x0": p["pred_x0"]}
+
+    @torch.no_grad()
+    def p_sample_loop_progressive(self, model: Model, shape: Sequence[int],
+                                  generator: torch.Generator | None = None, progress: bool = False,
+                                  clip_denoised: bool = True, x_T: torch.Tensor | None = None,
+                                  device: torch.device | str | None = None):
+        """Algorithm 2 step by step: yields, for i = T−1 … 0, a dict with ``t`` (the index i), ``x_t``
+        (the input of step i), ``pred_x0`` (x̂_0 predicted from it) and ``sample`` (x_{t−1})."""
+        device = torch.device(device) if device is not None else model_device(model)
+        x = x_T.to(device) if x_T is not None else self._randn(tuple(shape), torch.empty(0, device=device),
+                                                              generator)
+        steps = range(self.num_timesteps - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="sampling")
+        for i in steps:
+            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+            out = self.p_sample(model, x, t, clip_denoised, generator)
+            yield {"t": i, "x_t": x, "pred_x0": out["pred_x0"], "sample": out["sample"]}
+            x = out["sample"]
+
+    @torch.no_grad()
+    def p_sample_loop(self, model: Model, shape: Sequence[int], generator: torch.Generator | None = None,
+                      progress: bool = False, clip_denoised: bool = True, x_T: torch.Tensor | None = None,
+                      keep_steps: Sequence[int] | None = None, device: torch.device | str | None = None):
+        """Algorithm 2: start from x_T ~ N(0, I) and apply ``p_sample`` for t = T … 1.
+
+        Noise comes from ``generator`` (reproducible: the same seed gives the same images); tensors
+        live on the model's device (or ``device``). Returns x_0 [*shape]. With ``keep_steps`` (indices
+        i) it returns ``(x_0, trajectory)``, where trajectory holds ``t`` [K], ``x_t`` [K, *shape] and
+        ``pred_x0`` [K, *shape] at those steps (for the progressive-generation figures, Fig. 6).
+        """
+        keep = set(int(i) for i in keep_steps) if keep_steps is not None else set()
+        bad = [i for i in keep if not 0 <= i < self.num_timesteps]
+        if bad:
+            raise ValueError(f"keep_steps {sorted(bad)} outside 0 … {self.num_timesteps - 1}")
+        traj: dict[str, list] = {"t": [], "x_t": [], "pred_x0": []}
+        x = None
+        for step in self.p_sample_loop_progressive(model, shape, generator, progress, clip_denoised, x_T,
+                                                   device):
+            if step["t"] in keep:
+                traj["t"].append(step["t"])
+                traj["x_t"].append(step["x_t"])
+                traj["pred_x0"].append(step["pred_x0"])
+            x = step["sample"]
+        if keep_steps is None:
+            return x
+        return x, {"t": torch.tensor(traj["t"]), "x_t": torch.stack(traj["x_t"]),
+                   "pred_x0": torch.stack(traj["pred_x0"])}
