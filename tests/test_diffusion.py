@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
-from gaussian import OptimalEps, discretized_gaussian
 from torch import nn
 
 from ddpm_lib import GaussianDiffusion, make_beta_schedule
 from ddpm_lib.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ddpm_lib.toy import LinearOptimalEps as OptimalEps
+from ddpm_lib.toy import discretized_gaussian, entropy_bits
 
 
 def paper_diffusion(**kw) -> GaussianDiffusion:
@@ -141,14 +142,12 @@ def gaussian_bound():
     idx = torch.multinomial(probs, B * 16, replacement=True, generator=g)
     x0 = levels[idx].reshape(B, 1, 4, 4)
     out = d.vlb_bpd(OptimalEps(d, m, v), x0, clip_denoised=False, generator=g)
-    entropy_bits = -(probs * probs.clamp_min(1e-300).log2()).sum().item()
-    return d, m, v, out, entropy_bits
+    return d, m, v, out, entropy_bits(probs)
 
 
 def test_bound_terms_match_their_analytic_expectation(gaussian_bound):
     d, m, v, out, _ = gaussian_bound
-    a = d.alpha_bar
-    mse_x0 = v * (1 - a) / (a * v + 1 - a)  # E[(x_0 − x̂_0)²] of the linear-MMSE predictor
+    mse_x0 = OptimalEps(d, m, v).x0_mse()  # E[(x_0 − x̂_0)²] of the linear-MMSE predictor
     beta, bt, c = d.betas, d.const("beta_tilde"), d.const("coef_x0")
     # E[L_{t−1}] = ½ (log σ²/β̃ + β̃/σ² − 1 + coef² E[(x0 − x̂0)²] / σ²) nats per dim, σ² = β_t.
     expected = 0.5 * (torch.log(beta / bt) + bt / beta - 1 + c**2 * mse_x0 / beta) / math.log(2)
@@ -160,13 +159,13 @@ def test_bound_terms_match_their_analytic_expectation(gaussian_bound):
 
 
 def test_bound_is_no_lower_than_the_exact_nll(gaussian_bound):
-    d, m, v, out, entropy_bits = gaussian_bound
+    d, m, v, out, entropy = gaussian_bound
     total = out["total"]
     se = total.std() / math.sqrt(len(total))
     # The data's exact NLL is its entropy (in bits per dimension): the bound must not go below it,
     # and with the optimal predictor it should not be far above.
-    assert total.mean() - 4 * se >= entropy_bits
-    assert total.mean() < entropy_bits + 0.5
+    assert total.mean() - 4 * se >= entropy
+    assert total.mean() < entropy + 0.5
 
 
 def test_prior_term_is_about_1e_5_bits_per_dim():

@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
-from gaussian import OptimalEps
 
 from ddpm_lib import GaussianDiffusion, make_beta_schedule
 from ddpm_lib.langevin import annealed_langevin_loop, langevin_step, sample_langevin, score_from_eps_model
+from ddpm_lib.toy import LinearOptimalEps as OptimalEps
 
 
 def test_score_from_optimal_eps_is_the_exact_gaussian_score():
