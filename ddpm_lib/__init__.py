@@ -6,7 +6,9 @@ t = i + 1 (so index 0 is the decoder step t = 1, and index T − 1 is t = T).
 
 from .configs import Config, DiffusionConfig, ModelConfig, TrainConfig, get_config
 from .diffusion import GaussianDiffusion
+from .pretrained import from_diffusers, load_pretrained
 from .schedules import make_beta_schedule
+from .unet import UNet
 
 __all__ = [
     "Config",
@@ -14,7 +16,10 @@ __all__ = [
     "GaussianDiffusion",
     "ModelConfig",
     "TrainConfig",
+    "UNet",
+    "from_diffusers",
     "get_config",
+    "load_pretrained",
     "make_beta_schedule",
 ]
 __version__ = "0.1.0"
