@@ -8,6 +8,7 @@ from .configs import Config, DiffusionConfig, ModelConfig, TrainConfig, get_conf
 from .diffusion import GaussianDiffusion
 from .pretrained import from_diffusers, load_pretrained
 from .schedules import make_beta_schedule
+from .train import load_for_sampling, sample_images, train
 from .unet import UNet
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "from_diffusers",
     "get_config",
     "load_pretrained",
+    "load_for_sampling",
     "make_beta_schedule",
+    "sample_images",
+    "train",
 ]
 __version__ = "0.1.0"

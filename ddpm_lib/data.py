@@ -1,0 +1,314 @@
+"""Training data for Algorithm 1: x_0 ~ q(x_0), scaled to [-1, 1] (§4: "we assume that image data
+consists of integers in {0, 1, …, 255} scaled linearly to [−1, 1]"), with random horizontal flips
+(App. B).
+
+Two sources:
+
+* ``load_cifar10(root)`` — the CIFAR10 training split (50,000 images, 32×32). The archive is
+  downloaded by torchvision into a cache folder on first use, and only when training asks for it;
+  the batches are then read by a small reader of the documented ``cifar-10-batches-py`` format
+  that refuses any pickled object other than NumPy arrays.
+* ``ImageFolder(path, size)`` — any folder of images, searched recursively, each resized (shorter
+  side) and center-cropped to ``size`` × ``size`` (for LSUN / CelebA-HQ style data).
+
+The order of the data is a pure function of (seed, step): each epoch is a permutation drawn from
+(seed, epoch); the global batch of step s is a fixed slice of it; with W processes, rank r takes the
+r-th contiguous shard of that batch; flips are drawn per step from (seed, step). So the data
+position of a run *is* its step, and a resumed run sees exactly the batches an uninterrupted run
+would have seen (``batch_indices``, ``flip_mask``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def default_cache_dir() -> Path:
+    """Where downloads go: ``$DDPM_LIB_CACHE`` or ``~/.cache/ddpm_lib``."""
+    return Path(os.environ.get("DDPM_LIB_CACHE", Path.home() / ".cache" / "ddpm_lib"))
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple such as (seed, "noise", step, rank).
+
+    NumPy's ``SeedSequence`` hashes the entropy, so neighbouring steps get unrelated streams.
+    """
+    words = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
+def to_model_range(images: Tensor) -> Tensor:
+    """uint8 {0, …, 255} → float32 in [-1, 1] (§4)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """float in [-1, 1] → uint8 {0, …, 255}, rounding to the nearest level."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """Images held in memory as one uint8 tensor [N, C, H, W] (CIFAR10 fits: 150 MB)."""
+
+    def __init__(self, images: Tensor, name: str = "tensor") -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be a uint8 tensor [N, C, H, W], "
+                             f"got {images.dtype} {list(images.shape)}")
+        self.images, self.name = images, name
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.images[index]
+
+    def batch(self, indices: Tensor) -> Tensor:
+        """The uint8 images at ``indices`` [b] as [b, C, H, W] (one gather, no DataLoader needed)."""
+        return self.images[indices]
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every image under ``root`` (recursively, sorted by path), resized and center-cropped.
+
+    Each image is read with Pillow, converted to RGB (or L for one channel), its shorter side
+    resized to ``size`` (bicubic, antialiased when shrinking), then center-cropped to size × size.
+    """
+
+    def __init__(self, root: str | os.PathLike, size: int, channels: int = 3) -> None:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
+        if not root.is_dir():
+            raise NotADirectoryError(f"data path {str(root)!r} is not a folder of images")
+        self.files = sorted(p for p in root.rglob("*")
+                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise ValueError(
+                f"data folder {str(root)!r} holds no images "
+                f"(looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.root, self.size, self.channels, self.name = root, size, channels, str(root)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return load_image(self.files[index], self.size, self.channels)
+
+
+def load_image(path: str | os.PathLike, size: int, channels: int = 3) -> Tensor:
+    """One image file as uint8 [C, size, size]: shorter side resized to ``size``, then center-cropped."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB" if channels == 3 else "L")
+        w, h = im.size
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            im = im.resize((new_w, new_h), Image.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR10 batches (dicts of bytes, lists and NumPy arrays) and nothing else."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2 (str → bytes, nothing else)
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: "
+                                         "the CIFAR10 format holds only arrays")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = "numpy._core" + module[len("numpy.core"):]
+        return super().find_class(module, name)
+
+
+def read_cifar10_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One ``cifar-10-batches-py`` file → (uint8 images [N, 3, 32, 32], int64 labels [N]).
+
+    The documented format: a pickled dict with ``b"data"`` (uint8 [N, 3072], each row the red,
+    green then blue 32×32 planes in row-major order) and ``b"labels"`` (N ints).
+    """
+    with open(path, "rb") as f:
+        try:
+            d = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        except Exception as e:  # noqa: BLE001 - any failure means "not a CIFAR10 batch"
+            raise ValueError(f"{path} is not a CIFAR10 batch file: {e}") from e
+    if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
+        raise ValueError(f"{path} is not a CIFAR10 batch file: expected a dict with b'data' and b'labels'")
+    data = np.asarray(d[b"data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: b'data' must be [N, 3072] uint8, got {data.shape}")
+    return data.reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], dtype=np.int64)
+
+
+def load_cifar10(root: str | os.PathLike | None = None, download: bool = True) -> TensorImages:
+    """The CIFAR10 training split (the 5 ``data_batch_*`` files) as uint8 [50000, 3, 32, 32].
+
+    ``root`` holds (or will hold) ``cifar-10-batches-py/``; default ``default_cache_dir()``.
+    If the files are missing and ``download`` is true, torchvision fetches and checks the archive.
+    """
+    root = Path(root) if root is not None else default_cache_dir()
+    folder = root / CIFAR10_FOLDER
+    missing = [f for f in CIFAR10_TRAIN_FILES if not (folder / f).is_file()]
+    if missing:
+        if not download:
+            raise FileNotFoundError(f"CIFAR10 is not in {folder} (missing {', '.join(missing)}) "
+                                    "and download=False")
+        from torchvision.datasets import CIFAR10
+
+        print(f"downloading CIFAR10 into {root} …")
+        CIFAR10(str(root), train=True, download=True)
+    images = np.concatenate([read_cifar10_batch(folder / f)[0] for f in CIFAR10_TRAIN_FILES])
+    return TensorImages(torch.from_numpy(images), name="cifar10")
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """uint8 [N, C, H, W] → uint8 [N, C, size, size] (antialiased bilinear; used for CIFAR10 at 16×16)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
+                        align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def make_dataset(dataset: str, image_size: int, channels: int = 3,
+                 cache_dir: str | os.PathLike | None = None, download: bool = True):
+    """The dataset named by ``TrainConfig.dataset``: ``"cifar10"`` or a folder of images.
+
+    CIFAR10 is resized to ``image_size`` when the config asks for another resolution (``tiny``: 16).
+    """
+    if not dataset:
+        raise ValueError("no training data: set TrainConfig.dataset to 'cifar10' "
+                         "or pass a folder of images (--data DIR)")
+    if dataset.lower() == "cifar10":
+        if channels != 3:
+            raise ValueError(f"CIFAR10 has 3 channels, the model expects {channels}")
+        ds = load_cifar10(cache_dir, download=download)
+        return TensorImages(resize_images(ds.images, image_size), name="cifar10")
+    return ImageFolder(dataset, image_size, channels)
+
+
+# --------------------------------------------------------------------------- order
+
+
+def steps_per_epoch(num_images: int, global_batch: int) -> int:
+    """Whole global batches per epoch (the last partial batch of a permutation is dropped)."""
+    if num_images < global_batch:
+        raise ValueError(f"the dataset has {num_images} images, fewer than one global batch ({global_batch})")
+    return num_images // global_batch
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(num_images: int, seed: int, epoch: int) -> Tensor:
+    """The order of epoch ``epoch``: a permutation of range(num_images) drawn from (seed, epoch).
+
+    Cached, since every step of an epoch slices the same permutation (do not modify the result).
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
+    return torch.randperm(num_images, generator=g)
+
+
+def batch_indices(num_images: int, global_batch: int, step: int, seed: int,
+                  rank: int = 0, world_size: int = 1) -> Tensor:
+    """Dataset indices of rank ``rank``'s share of the global batch of step ``step``.
+
+    Step s takes slice s mod E of epoch s // E's permutation (E = steps per epoch); rank r of W takes
+    the r-th of W contiguous, equal shards of it.
+    """
+    if global_batch % world_size:
+        raise ValueError(f"batch_size={global_batch} does not divide by the world size {world_size}")
+    per_epoch = steps_per_epoch(num_images, global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    perm = epoch_permutation(num_images, seed, epoch)
+    local = global_batch // world_size
+    start = pos * global_batch + rank * local
+    return perm[start:start + local]
+
+
+def flip_mask(global_batch: int, step: int, seed: int, rank: int = 0, world_size: int = 1) -> Tensor:
+    """Which images of rank ``rank``'s share to flip horizontally at step ``step`` (p = 1/2 each).
+
+    Drawn for the whole global batch from (seed, step), so it does not depend on the world size.
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, "flip", step))
+    mask = torch.rand(global_batch, generator=g) < 0.5
+    local = global_batch // world_size
+    return mask[rank * local:(rank + 1) * local]
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """Yields rank ``rank``'s index list for steps start … stop − 1 (for a DataLoader's batch_sampler)."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, start: int, stop: int, rank: int, world: int):
+        self.args = (n, global_batch, seed, rank, world)
+        self.start, self.stop = start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n, b, seed, rank, world = self.args
+        for step in range(self.start, self.stop):
+            yield batch_indices(n, b, step, seed, rank, world).tolist()
+
+
+def iterate_batches(dataset, global_batch: int, seed: int, start_step: int, stop_step: int,
+                    rank: int = 0, world_size: int = 1, random_flip: bool = True,
+                    num_workers: int = 0) -> Iterator[tuple[int, Tensor]]:
+    """(step, uint8 images [global_batch / world_size, C, H, W]) for step = start_step … stop_step − 1.
+
+    In-memory datasets are gathered directly; folders are read by a DataLoader (``num_workers``
+    processes) in the same deterministic order. Flips (App. B) are applied here.
+    """
+    steps_per_epoch(len(dataset), global_batch)  # fail early with a clear message
+    if isinstance(dataset, TensorImages):
+        def gather() -> Iterator[Tensor]:
+            for step in range(start_step, stop_step):
+                yield dataset.batch(batch_indices(len(dataset), global_batch, step, seed, rank, world_size))
+        batches = gather()
+    else:
+        sampler = _StepBatches(len(dataset), global_batch, seed, start_step, stop_step, rank, world_size)
+        batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                                   persistent_workers=False))
+    for step, images in zip(range(start_step, stop_step), batches, strict=True):
+        if random_flip:
+            flip = flip_mask(global_batch, step, seed, rank, world_size).to(images.device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        yield step, images
