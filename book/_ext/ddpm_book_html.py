@@ -1,0 +1,38 @@
+"""A local Sphinx extension for the book's HTML (``sphinx.local_extensions`` in ``_config.yml``).
+
+It removes scripts that a page would load twice. Sphinx 7.4 registers an inline script added by
+an extension during the build once as ``filename=None`` and again, when it prepares writing, as
+``filename=""``; the two do not compare equal, so the page gets both. For sphinx-thebe's
+``const THEBE_JS_URL = …`` that is a console error ("Identifier has already been declared"), which
+the browser test (tests/test_book_html.py) rejects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _script_key(script: Any) -> tuple:
+    filename = getattr(script, "filename", script) or ""
+    attributes = getattr(script, "attributes", {})
+    return str(filename), tuple(sorted((k, str(v)) for k, v in attributes.items()))
+
+
+def dedupe_scripts(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    """Keep the first of each script (same file or same inline body, same attributes) on a page."""
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen: set[tuple] = set()
+    unique = []
+    for script in scripts:
+        key = _script_key(script)
+        if key not in seen:
+            seen.add(key)
+            unique.append(script)
+    scripts[:] = unique
+
+
+def setup(app: Any) -> dict[str, Any]:
+    app.connect("html-page-context", dedupe_scripts, priority=900)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
