@@ -86,6 +86,17 @@ CONFIGS: dict[str, Config] = {
         model=ModelConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, dropout=0.0, num_groups=16),
         train=TrainConfig(batch_size=64, warmup=200, ema_decay=0.999, steps=20_000),
     ),
+    # The book's model: scikit-learn's 8×8 digits (bundled, offline), the paper's T = 1000 and β.
+    # Trained by tools/train_book_model.py (CPU or GPU); its EMA weights ship in ddpm_lib/weights/.
+    "digits": Config(
+        "digits",
+        model=ModelConfig(
+            image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2,
+            attn_resolutions=(4,), dropout=0.1, num_groups=8,
+        ),
+        train=TrainConfig(dataset="digits", batch_size=128, lr=1e-3, warmup=200, ema_decay=0.999,
+                          steps=10_000, random_flip=False),
+    ),
     # Trains in seconds on a CPU: for tests and smoke runs.
     "tiny": Config(
         "tiny",

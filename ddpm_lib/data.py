@@ -2,12 +2,15 @@
 consists of integers in {0, 1, …, 255} scaled linearly to [−1, 1]"), with random horizontal flips
 (App. B).
 
-Two sources:
+Three sources:
 
 * ``load_cifar10(root)`` — the CIFAR10 training split (50,000 images, 32×32). The archive is
   downloaded by torchvision into a cache folder on first use, and only when training asks for it;
   the batches are then read by a small reader of the documented ``cifar-10-batches-py`` format
   that refuses any pickled object other than NumPy arrays.
+* ``load_digits(split)`` — scikit-learn's bundled 8×8 handwritten digits (1,797 images, 17 grey
+  levels), which ship inside the package: the book's small model trains on them offline. The first
+  1,500 are the training split, the remaining 297 the test split.
 * ``ImageFolder(path, size)`` — any folder of images, searched recursively, each resized (shorter
   side) and center-cropped to ``size`` × ``size`` (for LSUN / CelebA-HQ style data).
 
@@ -199,6 +202,25 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True) -
     return TensorImages(torch.from_numpy(images), name="cifar10")
 
 
+DIGITS_TRAIN = 1500  # the first 1,500 of scikit-learn's 1,797 digits train; the rest are held out
+
+
+def load_digits(split: str = "train") -> TensorImages:
+    """scikit-learn's 8×8 digits (UCI ML hand-written digits; bundled, no download) as uint8
+    [N, 1, 8, 8]: grey levels 0…16 mapped to the nearest of 0…255. ``split`` is "train" (the first
+    1,500) or "test" (the other 297)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} must be 'train' or 'test'")
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError as e:
+        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from e
+    levels = torch.from_numpy(sk_load_digits().images)  # float64 in [0, 16]
+    images = (levels * (255 / 16)).round().to(torch.uint8)[:, None]
+    images = images[:DIGITS_TRAIN] if split == "train" else images[DIGITS_TRAIN:]
+    return TensorImages(images, name=f"digits-{split}")
+
+
 def resize_images(images: Tensor, size: int) -> Tensor:
     """uint8 [N, C, H, W] → uint8 [N, C, size, size] (antialiased bilinear; used for CIFAR10 at 16×16)."""
     if images.shape[-1] == size and images.shape[-2] == size:
@@ -210,18 +232,22 @@ def resize_images(images: Tensor, size: int) -> Tensor:
 
 def make_dataset(dataset: str, image_size: int, channels: int = 3,
                  cache_dir: str | os.PathLike | None = None, download: bool = True):
-    """The dataset named by ``TrainConfig.dataset``: ``"cifar10"`` or a folder of images.
+    """The dataset named by ``TrainConfig.dataset``: ``"cifar10"``, ``"digits"`` or a folder of images.
 
     CIFAR10 is resized to ``image_size`` when the config asks for another resolution (``tiny``: 16).
     """
     if not dataset:
-        raise ValueError("no training data: set TrainConfig.dataset to 'cifar10' "
+        raise ValueError("no training data: set TrainConfig.dataset to 'cifar10', 'digits' "
                          "or pass a folder of images (--data DIR)")
     if dataset.lower() == "cifar10":
         if channels != 3:
             raise ValueError(f"CIFAR10 has 3 channels, the model expects {channels}")
         ds = load_cifar10(cache_dir, download=download)
         return TensorImages(resize_images(ds.images, image_size), name="cifar10")
+    if dataset.lower() == "digits":
+        if channels != 1 or image_size != 8:
+            raise ValueError(f"digits are 1×8×8; the model expects {channels}×{image_size}×{image_size}")
+        return load_digits("train")
     return ImageFolder(dataset, image_size, channels)
 
 

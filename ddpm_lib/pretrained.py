@@ -224,6 +224,21 @@ def _download(name: str, cache_dir: str | Path | None) -> tuple[dict[str, Tensor
     ) from last_error
 
 
+BOOK_MODEL = Path(__file__).parent / "weights" / "digits.safetensors"
+
+
+def load_book_model(device: str | torch.device = "cpu"):
+    """The book's small model: the ``digits`` config (1.0M parameters, T = 1000, ε-prediction,
+    σ² = β_t) trained on scikit-learn's 8×8 digits by ``tools/train_book_model.py``, EMA weights.
+
+    It ships inside the package (``ddpm_lib/weights/``), so it loads offline and in Colab. Returns a
+    ``train.LoadedModel`` (``.model``, ``.diffusion``, ``.config``, ``.step``).
+    """
+    from .train import load_for_sampling
+
+    return load_for_sampling(BOOK_MODEL, device)
+
+
 def load_pretrained(name: str = "google/ddpm-cifar10-32", cache_dir: str | Path | None = None) -> UNet:
     """Download (once; the Hub cache keeps it) and convert released weights, e.g. the CIFAR10 model
     of Table 1. Needs ``huggingface_hub`` and a network on first use. Returns the model in eval mode."""
