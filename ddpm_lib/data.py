@@ -38,6 +38,7 @@ from torch import Tensor
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
 
 
 def default_cache_dir() -> Path:
@@ -181,15 +182,19 @@ def read_cifar10_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
     return data.reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], dtype=np.int64)
 
 
-def load_cifar10(root: str | os.PathLike | None = None, download: bool = True) -> TensorImages:
-    """The CIFAR10 training split (the 5 ``data_batch_*`` files) as uint8 [50000, 3, 32, 32].
+def load_cifar10(root: str | os.PathLike | None = None, download: bool = True, split: str = "train") -> TensorImages:
+    """A CIFAR10 split as uint8 [N, 3, 32, 32]: ``"train"`` (the 5 ``data_batch_*`` files, 50,000
+    images) or ``"test"`` (``test_batch``, 10,000).
 
     ``root`` holds (or will hold) ``cifar-10-batches-py/``; default ``default_cache_dir()``.
     If the files are missing and ``download`` is true, torchvision fetches and checks the archive.
     """
+    files = {"train": CIFAR10_TRAIN_FILES, "test": (CIFAR10_TEST_FILE,)}
+    if split not in files:
+        raise ValueError(f"split={split!r} must be 'train' or 'test'")
     root = Path(root) if root is not None else default_cache_dir()
     folder = root / CIFAR10_FOLDER
-    missing = [f for f in CIFAR10_TRAIN_FILES if not (folder / f).is_file()]
+    missing = [f for f in files[split] if not (folder / f).is_file()]
     if missing:
         if not download:
             raise FileNotFoundError(f"CIFAR10 is not in {folder} (missing {', '.join(missing)}) "
@@ -197,9 +202,9 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True) -
         from torchvision.datasets import CIFAR10
 
         print(f"downloading CIFAR10 into {root} …")
-        CIFAR10(str(root), train=True, download=True)
-    images = np.concatenate([read_cifar10_batch(folder / f)[0] for f in CIFAR10_TRAIN_FILES])
-    return TensorImages(torch.from_numpy(images), name="cifar10")
+        CIFAR10(str(root), train=split == "train", download=True)
+    images = np.concatenate([read_cifar10_batch(folder / f)[0] for f in files[split]])
+    return TensorImages(torch.from_numpy(images), name="cifar10" if split == "train" else "cifar10-test")
 
 
 DIGITS_TRAIN = 1500  # the first 1,500 of scikit-learn's 1,797 digits train; the rest are held out
