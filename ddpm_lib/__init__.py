@@ -7,6 +7,7 @@ t = i + 1 (so index 0 is the decoder step t = 1, and index T − 1 is t = T).
 from .configs import Config, DiffusionConfig, ModelConfig, TrainConfig, get_config
 from .diffusion import GaussianDiffusion
 from .pretrained import from_diffusers, load_pretrained
+from .samplers import ddim_sample_loop, generate
 from .schedules import make_beta_schedule
 from .train import load_for_sampling, sample_images, train
 from .unet import UNet
@@ -18,7 +19,9 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "UNet",
+    "ddim_sample_loop",
     "from_diffusers",
+    "generate",
     "get_config",
     "load_pretrained",
     "load_for_sampling",

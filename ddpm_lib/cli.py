@@ -1,13 +1,18 @@
-"""Command line: ``python -m ddpm_lib train …`` and ``python -m ddpm_lib sample …`` (or ``ddpm-lib …``).
+"""Command line: ``python -m ddpm_lib train | sample | eval …`` (or ``ddpm-lib …``).
 
-A thin layer over ``ddpm_lib.train``: ``train`` calls ``train.run_config`` and ``train.train``;
-``sample`` calls ``train.load_for_sampling``, ``train.sample_images`` and ``train.save_grid``.
+A thin layer over the library: ``train`` calls ``train.run_config`` and ``train.train``;
+``sample`` calls ``train.load_for_sampling`` and ``samplers.generate``; ``eval`` calls
+``evaluate.run_eval``.
 Examples::
 
     python -m ddpm_lib train --config cifar10 --out runs/cifar10            # the paper's recipe, 800k steps
     python -m ddpm_lib train --out runs/cifar10 --resume --steps 900000     # continue the same run further
     torchrun --nproc_per_node 8 -m ddpm_lib train --config cifar10 --out runs/c10 --precision bf16
     python -m ddpm_lib sample --checkpoint runs/cifar10 --n 64 --out grid.png
+    python -m ddpm_lib sample --checkpoint runs/cifar10 --n 50000 --batch-size 1000 --out samples.npz
+    python -m ddpm_lib sample --checkpoint google/ddpm-cifar10-32 --sampler ddim --steps 50 --out ddim50.npz
+    python -m ddpm_lib eval --samples samples.npz --out report.json             # FID (train, test), IS
+    python -m ddpm_lib eval --checkpoint runs/cifar10 --metrics nll rd --out bound.json   # Table 1 NLL, §4.3
 """
 
 from __future__ import annotations
@@ -42,7 +47,18 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must lie in [0, 1]")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .samplers import SAMPLERS, SPACINGS
     from .train import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="ddpm-lib", description="DDPM (Ho et al. 2020): train and sample.")
@@ -74,17 +90,57 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="sample a grid from the EMA weights (Algorithm 2)")
-    s.add_argument("--checkpoint", required=True, type=Path,
-                   help="run directory, ema.safetensors or ckpt.safetensors")
+    s = sub.add_parser("sample", help="sample images from the EMA weights (Algorithm 2 or DDIM)",
+                       description="Sample with Algorithm 2 (ddpm) or DDIM into a .npz (uint8 images [N, H, W, C] "
+                                   "under 'images', and a grid of the first 64 beside it) or a .png grid. Image i "
+                                   "depends only on --seed and i, not on --batch-size. An interrupted job keeps "
+                                   "its finished chunks in OUT.partial/; rerun the same command to continue it.")
+    s.add_argument("--checkpoint", required=True,
+                   help="run directory, ema.safetensors, ckpt.safetensors, or google/ddpm-cifar10-32 (online)")
     s.add_argument("--n", type=_int_at_least(1), default=64, help="number of images")
-    s.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid to write")
+    s.add_argument("--out", type=Path, default=Path("samples.png"), help="output: .npz or .png")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                   help="ddpm: Algorithm 2, all T steps; ddim: Song et al. 2021, eq. 12")
+    s.add_argument("--steps", type=_int_at_least(1), default=None, help="DDIM steps (default: all T)")
+    s.add_argument("--spacing", choices=SPACINGS, default="uniform",
+                   help="DDIM timesteps: uniform, or quadratic (what the DDIM paper uses for CIFAR10)")
+    s.add_argument("--eta", type=_unit_float, default=0.0,
+                   help="DDIM eta in [0, 1]: 0 deterministic, 1 the DDPM posterior variance")
     s.add_argument("--seed", type=_int_at_least(0), default=0)
     s.add_argument("--batch-size", type=_int_at_least(1), default=None,
-                   help="images per batch (default: all at once)")
-    s.add_argument("--device", default=None)
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=cmd_sample)
+                   help="images per batch (default: min(n, chunk size)); does not change the images")
+    s.add_argument("--chunk-size", type=_int_at_least(1), default=1000,
+                   help="images per file of an unfinished job (what a rerun keeps)")
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, tf32 (fp32 with TF32 matmuls on CUDA) or bf16 autocast")
+    s.add_argument("--device", default=None, help="cuda, cuda:1, cpu … (default: cuda if available)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample, interrupted="finished chunks are kept; rerun the same command to continue")
+
+    from .evaluate import METRICS
+
+    e = sub.add_parser("eval", help="FID / IS of samples; NLL (bits/dim) and rate-distortion of a checkpoint",
+                       description="Evaluate as the paper did (§4): FID against CIFAR10's training set (and its "
+                                   "test set) and IS, through torch-fidelity's TF-Inception replica (weights "
+                                   "downloaded on first use), and the test-set NLL from the full bound (eq. 5) "
+                                   "with its per-t terms and the rate-distortion curve (§4.3). Writes a JSON report.")
+    e.add_argument("--samples", type=Path, default=None, help=".npz with uint8 'images' [N, H, W, C] (or .npy)")
+    e.add_argument("--checkpoint", default=None, help="run directory, ema/ckpt .safetensors, or google/ddpm-cifar10-32")
+    e.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
+                   help="default: fid and is for --samples; nll and rd added for --checkpoint")
+    e.add_argument("--data", default=None,
+                   help="images for the bound: a dataset name (cifar10, digits), .npz/.npy or a folder "
+                        "(default: the checkpoint's training dataset)")
+    e.add_argument("--split", choices=("train", "test"), default="test", help="split of --data for the bound")
+    e.add_argument("--max-images", type=_int_at_least(1), default=None, help="cap the images in the bound")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=100)
+    e.add_argument("--seed", type=_int_at_least(0), default=0)
+    e.add_argument("--splits", type=_int_at_least(1), default=10, help="IS splits")
+    e.add_argument("--device", default=None)
+    e.add_argument("--no-download", action="store_true", help="fail instead of downloading weights or data")
+    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--out", type=Path, required=True, help="JSON report to write")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -109,13 +165,40 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .train import load_for_sampling, sample_images, save_grid
+    from .samplers import OUTPUT_SUFFIXES, generate
+    from .train import load_for_sampling, set_fp32_precision
 
+    if args.out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"--out {args.out}: the suffix must be .npz (images) or .png (a grid)")
     loaded = load_for_sampling(args.checkpoint, args.device)
-    images = sample_images(loaded.model, loaded.diffusion, args.n, batch_size=args.batch_size, seed=args.seed,
-                           progress=not args.no_progress)
-    path = save_grid(images, args.out)
-    print(f"{path}: {args.n} samples of {loaded.config.name!r} (EMA, step {loaded.step}, seed {args.seed})")
+    device = next(loaded.model.parameters()).device
+    set_fp32_precision(device, args.precision)
+    generate(loaded.model, loaded.diffusion, args.n, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+             eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
+             out_path=args.out, chunk_size=args.chunk_size, progress=not args.no_progress)
+    steps = args.steps or loaded.diffusion.num_timesteps
+    how = "ddpm" if args.sampler == "ddpm" else f"ddim, {steps} steps, eta {args.eta:g}"
+    weights = "released weights" if loaded.step < 0 else f"EMA, step {loaded.step}"
+    print(f"{args.out}: {args.n} samples of {loaded.config.name!r} ({how}; {weights}; seed {args.seed})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .evaluate import run_eval
+
+    if args.samples is None and args.checkpoint is None:
+        raise ValueError("give --samples and/or --checkpoint")
+    report = run_eval(args.out, samples=args.samples, checkpoint=args.checkpoint, metrics=args.metrics,
+                      data=args.data, split=args.split, max_images=args.max_images, batch_size=args.batch_size,
+                      seed=args.seed, splits=args.splits, device=args.device, download=not args.no_download,
+                      progress=not args.no_progress)
+    for section in ("sample_quality", "bound", "rate_distortion"):  # the headline numbers; arrays stay in the file
+        if report.get(section):
+            scalars = {k: v for k, v in report[section].items()
+                       if isinstance(v, (int, float, str, dict)) and k != "about"}
+            print(f"{section}: {json.dumps(scalars, default=str)}")
+    print(f"{args.out}: report written")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddpm-lib {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"ddpm-lib {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        note = getattr(args, "interrupted", "the last checkpoint is intact")
+        print(f"ddpm-lib {args.command}: interrupted; {note}", file=sys.stderr)
         return 130
     return 0

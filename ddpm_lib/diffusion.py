@@ -36,7 +36,8 @@ VAR_TYPES = ("fixed_large", "fixed_small", "learned")
 LOSS_TYPES = ("simple", "vlb")
 
 
-def _check_choice(arg: str, value: str, valid: Sequence[str]) -> None:
+def check_choice(arg: str, value: str, valid: Sequence[str]) -> None:
+    """ValueError naming ``arg`` and the valid values when ``value`` is not one of them."""
     if value not in valid:
         raise ValueError(f"{arg}={value!r} is not valid; choose one of {tuple(valid)}")
 
@@ -71,9 +72,9 @@ class GaussianDiffusion:
         var_type: str = "fixed_large",
         loss_type: str = "simple",
     ) -> None:
-        _check_choice("mean_type", mean_type, MEAN_TYPES)
-        _check_choice("var_type", var_type, VAR_TYPES)
-        _check_choice("loss_type", loss_type, LOSS_TYPES)
+        check_choice("mean_type", mean_type, MEAN_TYPES)
+        check_choice("var_type", var_type, VAR_TYPES)
+        check_choice("loss_type", loss_type, LOSS_TYPES)
         if loss_type == "simple" and var_type == "learned":
             raise ValueError(
                 "loss_type='simple' gives a learned variance no gradient; with var_type='learned' "
@@ -359,10 +360,14 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
-                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Algorithm 2, line 4: x_{t−1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I), and z = 0 at t = 1 (index 0)."""
+                 generator: torch.Generator | None = None,
+                 noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Algorithm 2, line 4: x_{t−1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I), and z = 0 at t = 1 (index 0).
+
+        z is ``noise`` when given, else drawn from ``generator``.
+        """
         p = self.p_mean_variance(model, x_t, t, clip_denoised)
-        z = self._randn(x_t.shape, x_t, generator)
+        z = noise.to(x_t) if noise is not None else self._randn(x_t.shape, x_t, generator)
         nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         sample = p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * z
         return {"sample": sample, "pred_x0": p["pred_x0"]}

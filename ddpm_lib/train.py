@@ -353,6 +353,11 @@ class LossWatch:
 # --------------------------------------------------------------------------- sampling helpers
 
 
+# Released weights that load_for_sampling accepts by name → the config whose diffusion they were trained
+# with (the paper's CIFAR10 run: linear β, T = 1000, ε-prediction, σ² = β_t).
+PRETRAINED_DIFFUSION = {"google/ddpm-cifar10-32": "cifar10"}
+
+
 @dataclass
 class LoadedModel:
     """EMA weights ready for Algorithm 2: the network, its diffusion, the config and the step."""
@@ -364,8 +369,17 @@ class LoadedModel:
 
 
 def load_for_sampling(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
-    """The EMA model of a run directory, an ``ema.safetensors`` or a ``ckpt.safetensors`` (eval mode)."""
+    """The EMA model of a run directory, an ``ema.safetensors`` or a ``ckpt.safetensors`` (eval mode);
+    or, when ``path`` is not a local file and names released weights with a known diffusion
+    (``PRETRAINED_DIFFUSION``, e.g. "google/ddpm-cifar10-32"), those weights from the Hub
+    (``pretrained.load_pretrained``; online the first time) with ``step`` −1 (unknown)."""
     device = resolve_device(device)
+    if str(path) in PRETRAINED_DIFFUSION and not os.path.exists(path):
+        from . import pretrained
+
+        model = pretrained.load_pretrained(str(path))
+        cfg = dataclasses.replace(get_config(PRETRAINED_DIFFUSION[str(path)]), name=str(path), model=model.config)
+        return LoadedModel(model.to(device).eval(), GaussianDiffusion.from_config(cfg.diffusion), cfg, -1)
     weights, cfg, step = ckpt_io.ema_state_dict(path)
     model = UNet.from_config(cfg.model)
     try:
@@ -375,25 +389,17 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device | None
     return LoadedModel(model.to(device).eval(), GaussianDiffusion.from_config(cfg.diffusion), cfg, step)
 
 
-@torch.no_grad()
 def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, *, batch_size: int | None = None,
                   seed: int = 0, progress: bool = False) -> Tensor:
-    """``n`` samples of Algorithm 2 as a CPU float tensor [n, C, H, W] in [-1, 1].
+    """``n`` samples of Algorithm 2 as a CPU float tensor [n, C, H, W] on the 256 levels of [-1, 1].
 
-    The noise comes from one CPU generator seeded with ``seed`` (the same images on any device for a
-    given ``batch_size``); batches of ``batch_size`` (default all ``n`` at once) run one after another.
+    ``samplers.generate`` with ``sampler="ddpm"``: image i's noise comes from its own generator seeded
+    by (seed, i), so the images do not depend on ``batch_size`` (default all ``n`` at once).
     """
-    if n < 1:
-        raise ValueError(f"n={n} must be at least 1")
-    cfg = model.config
-    batch_size = batch_size or n
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        shape = (b, cfg.in_channels, cfg.image_size, cfg.image_size)
-        out.append(diffusion.p_sample_loop(model, shape, generator=g, progress=progress).cpu())
-    return torch.cat(out)
+    from .samplers import generate
+
+    images = generate(model, diffusion, n, sampler="ddpm", seed=seed, batch_size=batch_size, progress=progress)
+    return to_model_range(images.permute(0, 3, 1, 2))
 
 
 def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:

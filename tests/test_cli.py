@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import ddpm_lib.checkpoint as ckpt_io
+from ddpm_lib import get_config
 from ddpm_lib.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +109,144 @@ def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "ddpm_lib", "train", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--resume" in res.stdout and "total training steps" in res.stdout
+
+
+# ---------------------------------------------------------------- sample: .npz, resume, DDIM, released weights
+
+
+def tiny_weights(seed: int = 0):
+    """The ``tiny`` UNet with random weights; its zero-initialized output layer is perturbed."""
+    import torch
+
+    from ddpm_lib import UNet
+
+    torch.manual_seed(seed)
+    net = UNet.from_config("tiny").eval()
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    return net
+
+
+@pytest.fixture
+def tiny_ema(tmp_path):
+    return ckpt_io.save_ema(tmp_path / "ema.safetensors", tiny_weights(), step=7, cfg=get_config("tiny"))
+
+
+DDIM = ["--sampler", "ddim", "--steps", "3", "--eta", "0.5", "--device", "cpu", "--no-progress"]
+
+
+def sample_argv(ckpt, out, *extra):
+    return ["sample", "--checkpoint", str(ckpt), "--n", "5", "--out", str(out), "--chunk-size", "2", *DDIM, *extra]
+
+
+def test_sample_npz_holds_uint8_images_and_a_grid_beside_it(tmp_path, tiny_ema, capsys):
+    out = tmp_path / "s" / "samples.npz"
+    assert main(sample_argv(tiny_ema, out, "--batch-size", "3")) == 0
+    with np.load(out) as f:
+        images, job = f["images"], json.loads(str(f["job"]))
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 10
+    assert job["sampler"] == "ddim" and job["steps"] == 3 and job["eta"] == 0.5 and job["seed"] == 0
+    with Image.open(out.with_suffix(".png")) as im:
+        assert im.size == (3 * 18 + 2, 2 * 18 + 2)  # 5 images, 3 per row, 2-pixel padding
+    assert not (tmp_path / "s" / "samples.npz.partial").exists()
+    assert "ddim, 3 steps, eta 0.5; EMA, step 7" in capsys.readouterr().out
+
+
+def test_interrupted_sampling_resumes_to_the_same_npz(tmp_path, tiny_ema, monkeypatch, capsys):
+    import ddpm_lib.samplers as samplers
+
+    whole = tmp_path / "whole.npz"
+    assert main(sample_argv(tiny_ema, whole, "--batch-size", "5")) == 0
+
+    # Kill the job once its first chunk (images 0, 1) is on disk.
+    out = tmp_path / "resumed.npz"
+    save_chunk = samplers._save_chunk
+
+    def save_then_die(path, images):
+        save_chunk(path, images)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(samplers, "_save_chunk", save_then_die)
+    assert main(sample_argv(tiny_ema, out, "--batch-size", "2")) == 130
+    assert "rerun the same command to continue" in capsys.readouterr().err
+    partial = tmp_path / "resumed.npz.partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["chunk-000000.npy", "job.json"]
+    assert not out.exists()
+
+    # Other arguments than the unfinished job's are refused, naming what differs.
+    monkeypatch.setattr(samplers, "_save_chunk", save_chunk)
+    other = ckpt_io.save_ema(tmp_path / "other.safetensors", tiny_weights(seed=1), 7, get_config("tiny"))
+    for ckpt, extra, what in [(tiny_ema, ["--seed", "1"], "seed"), (tiny_ema, ["--eta", "0.2"], "eta"),
+                              (tiny_ema, ["--steps", "4"], "steps"), (other, [], "weights")]:
+        assert main(sample_argv(ckpt, out, *extra)) == 1  # a repeated option: argparse keeps the last
+        err = capsys.readouterr().err
+        assert "unfinished job with other arguments" in err and what in err and str(partial) in err
+
+    # The rerun (any batch size) samples only images 2, 3, 4 and gives the uninterrupted result.
+    sampled = []
+    image_generators = samplers.image_generators
+    monkeypatch.setattr(samplers, "image_generators",
+                        lambda seed, idx: sampled.extend(idx) or image_generators(seed, idx))
+    assert main(sample_argv(tiny_ema, out, "--batch-size", "3")) == 0
+    assert sampled == [2, 3, 4] and not partial.exists()
+    with np.load(whole) as a, np.load(out) as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_sample_with_a_bad_suffix_is_refused(tmp_path, tiny_ema, capsys):
+    assert main(sample_argv(tiny_ema, tmp_path / "x.jpg")) == 1
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "x.jpg.partial").exists()
+
+
+@pytest.mark.parametrize("extra, arg", [
+    (["--eta", "1.5"], "--eta"),
+    (["--sampler", "plms"], "--sampler"),
+    (["--steps", "0"], "--steps"),
+    (["--spacing", "cubic"], "--spacing"),
+])
+def test_bad_sample_arguments_exit_naming_them(extra, arg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", "x", *extra])
+    assert e.value.code == 2 and arg in capsys.readouterr().err.split("error:", 1)[1]
+
+
+def test_ddpm_sampler_with_ddim_steps_is_a_clear_error(tmp_path, tiny_ema, capsys):
+    argv = ["sample", "--checkpoint", str(tiny_ema), "--out", str(tmp_path / "g.png"), "--steps", "10"]
+    assert main(argv) == 1
+    assert "sampler='ddpm' runs all T=100 steps" in capsys.readouterr().err
+
+
+def test_released_weights_by_name_use_the_cifar10_diffusion(tmp_path, monkeypatch, capsys):
+    import ddpm_lib.pretrained as pretrained
+    from ddpm_lib.train import load_for_sampling
+
+    asked = []
+    monkeypatch.setattr(pretrained, "load_pretrained", lambda name: asked.append(name) or tiny_weights())
+    loaded = load_for_sampling("google/ddpm-cifar10-32", "cpu")
+    d = loaded.diffusion
+    assert asked == ["google/ddpm-cifar10-32"] and loaded.step == -1
+    assert (d.num_timesteps, d.mean_type, d.var_type) == (1000, "eps", "fixed_large")
+    assert float(d.betas[0]) == pytest.approx(1e-4) and float(d.betas[-1]) == pytest.approx(0.02)
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", "google/ddpm-cifar10-32", "--n", "2", "--out", str(grid),
+                 "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert grid.is_file() and "released weights" in capsys.readouterr().out
+
+
+def test_eval_reports_the_bound_and_rate_distortion_of_a_checkpoint(tmp_path, tiny_ema, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "data.npz", images=images)
+    out = tmp_path / "report.json"
+    assert main(["eval", "--checkpoint", str(tiny_ema), "--metrics", "nll", "rd", "--data", str(tmp_path / "data.npz"),
+                 "--batch-size", "2", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    bound, rd = report["bound"], report["rate_distortion"]
+    assert bound["n"] == 4 and len(bound["terms_bpd"]) == get_config("tiny").diffusion.T
+    # the bound is L_T + Σ terms, and it splits into the rate and the distortion of §4.3
+    assert bound["nll_bpd"] == pytest.approx(bound["prior_bpd"] + sum(bound["terms_bpd"]), rel=1e-6)
+    assert rd["rate_bpd"] + rd["distortion_bpd"] == pytest.approx(bound["nll_bpd"], rel=1e-6)
+    assert "report written" in capsys.readouterr().out
+
+
+def test_eval_needs_samples_or_a_checkpoint(tmp_path, capsys):
+    assert main(["eval", "--out", str(tmp_path / "r.json")]) == 1
+    assert "--samples and/or --checkpoint" in capsys.readouterr().err
