@@ -58,8 +58,8 @@ def _unit_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .precision import PRECISIONS
     from .samplers import SAMPLERS, SPACINGS
-    from .train import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="ddpm-lib", description="DDPM (Ho et al. 2020): train and sample.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,13 +166,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .samplers import OUTPUT_SUFFIXES, generate
-    from .train import load_for_sampling, set_fp32_precision
+    from .train import load_for_sampling
 
     if args.out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {args.out}: the suffix must be .npz (images) or .png (a grid)")
     loaded = load_for_sampling(args.checkpoint, args.device)
     device = next(loaded.model.parameters()).device
-    set_fp32_precision(device, args.precision)
     generate(loaded.model, loaded.diffusion, args.n, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
              eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
              out_path=args.out, chunk_size=args.chunk_size, progress=not args.no_progress)

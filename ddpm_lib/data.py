@@ -58,7 +58,7 @@ def derive_seed(*parts: int | str) -> int:
 
 def to_model_range(images: Tensor) -> Tensor:
     """uint8 {0, …, 255} → float32 in [-1, 1] (§4)."""
-    return images.float().div_(127.5).sub_(1.0)
+    return images.to(torch.float32) / 127.5 - 1.0  # a new tensor: the caller's images stay as they are
 
 
 def to_uint8(images: Tensor) -> Tensor:

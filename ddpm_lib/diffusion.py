@@ -42,6 +42,26 @@ def check_choice(arg: str, value: str, valid: Sequence[str]) -> None:
         raise ValueError(f"{arg}={value!r} is not valid; choose one of {tuple(valid)}")
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, I) noise of ``shape`` on ``device``: drawn from one generator (on its own device), or from a
+    list with one generator per batch row (image i's noise then depends on its generator alone)."""
+    shape = tuple(shape)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        z = torch.empty(shape, device=generator[0].device)
+        for z_i, g in zip(z, generator, strict=True):
+            torch.randn(shape[1:], generator=g, out=z_i)
+    else:
+        gdev = generator.device if generator is not None else device
+        z = torch.randn(shape, generator=generator, device=gdev)
+    return z.to(device=device, dtype=dtype, non_blocking=True)
+
+
 def model_device(model: Model) -> torch.device:
     """The device of a model's parameters; CPU for a parameterless callable."""
     params = getattr(model, "parameters", None)
@@ -151,14 +171,18 @@ class GaussianDiffusion:
     def _check_t(self, t: torch.Tensor, batch: int) -> None:
         if t.dtype not in (torch.int64, torch.int32) or t.shape != (batch,):
             raise ValueError(f"t must be an integer tensor of shape [{batch}], got {t.dtype} {tuple(t.shape)}")
+        T = self.num_timesteps
+        msg = f"t must hold 0-based indices in 0 … {T - 1} (index i is the paper's t = i + 1)"
+        if t.device.type == "cpu":
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
+                raise ValueError(f"{msg}, got values from {int(t.min())} to {int(t.max())}")
+        else:  # no host sync on an accelerator: fail on the device instead
+            torch._assert_async(((t >= 0) & (t < T)).all(), msg)
 
     @staticmethod
-    def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Standard normal noise drawn from ``generator`` (on its own device), moved next to ``like``."""
-        gdev = generator.device if generator is not None else like.device
-        return torch.randn(shape, generator=generator, device=gdev, dtype=torch.float32).to(
-            device=like.device, dtype=like.dtype
-        )
+    def _randn(shape, like: torch.Tensor, generator: Generators) -> torch.Tensor:
+        """Standard normal noise from ``generator`` (see ``randn``), on ``like``'s device and dtype."""
+        return randn(shape, generator, like.device, like.dtype)
 
     # ------------------------------------------------------------------ forward process q
 
@@ -360,7 +384,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
-                 generator: torch.Generator | None = None,
+                 generator: Generators = None,
                  noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Algorithm 2, line 4: x_{t−1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I), and z = 0 at t = 1 (index 0).
 
@@ -374,14 +398,15 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample_loop_progressive(self, model: Model, shape: Sequence[int],
-                                  generator: torch.Generator | None = None, progress: bool = False,
+                                  generator: Generators = None, progress: bool = False,
                                   clip_denoised: bool = True, x_T: torch.Tensor | None = None,
                                   device: torch.device | str | None = None):
         """Algorithm 2 step by step: yields, for i = T−1 … 0, a dict with ``t`` (the index i), ``x_t``
         (the input of step i), ``pred_x0`` (x̂_0 predicted from it) and ``sample`` (x_{t−1})."""
         device = torch.device(device) if device is not None else model_device(model)
-        x = x_T.to(device) if x_T is not None else self._randn(tuple(shape), torch.empty(0, device=device),
-                                                              generator)
+        if x_T is not None and tuple(x_T.shape) != tuple(shape):
+            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        x = x_T.to(device) if x_T is not None else randn(shape, generator, device)
         steps = range(self.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
@@ -393,12 +418,13 @@ class GaussianDiffusion:
             x = out["sample"]
 
     @torch.no_grad()
-    def p_sample_loop(self, model: Model, shape: Sequence[int], generator: torch.Generator | None = None,
+    def p_sample_loop(self, model: Model, shape: Sequence[int], generator: Generators = None,
                       progress: bool = False, clip_denoised: bool = True, x_T: torch.Tensor | None = None,
                       keep_steps: Sequence[int] | None = None, device: torch.device | str | None = None):
         """Algorithm 2: start from x_T ~ N(0, I) and apply ``p_sample`` for t = T … 1.
 
-        Noise comes from ``generator`` (reproducible: the same seed gives the same images); tensors
+        Noise comes from ``generator``, one or a list with one per image (reproducible: the same seeds
+        give the same images); tensors
         live on the model's device (or ``device``). Returns x_0 [*shape]. With ``keep_steps`` (indices
         i) it returns ``(x_0, trajectory)``, where trajectory holds ``t`` [K], ``x_t`` [K, *shape] and
         ``pred_x0`` [K, *shape] at those steps (for the progressive-generation figures, Fig. 6).

@@ -19,22 +19,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .diffusion import GaussianDiffusion, Model, model_device
+from .diffusion import GaussianDiffusion, Model, model_device, randn
 
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def score_from_eps_model(diffusion: GaussianDiffusion, model: Model) -> Score:
-    """s_θ(x_t, t) = −ε_θ(x_t, t) / √(1 − ᾱ_t) (§3.2), for a model whose mean part predicts ε."""
-    if diffusion.mean_type != "eps":
-        raise ValueError(f"the score needs an ε-prediction model; diffusion.mean_type={diffusion.mean_type!r}")
-    C_out_learned = diffusion.var_type == "learned"
+    """s_θ(x_t, t) = −ε̂(x_t, t) / √(1 − ᾱ_t) (§3.2). ε̂ is the model's prediction of the noise, read
+    directly for ε-prediction and derived through eq. 4 for the other mean types (unclipped x̂_0)."""
 
     def score(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps = model(x_t, t)
-        if C_out_learned:
-            eps = eps[:, : x_t.shape[1]]
-        return diffusion.eps_to_score(eps.to(x_t.dtype), t)
+        eps = diffusion.p_mean_variance(model, x_t, t, clip_denoised=False)["pred_eps"]
+        return diffusion.eps_to_score(eps, t)
 
     return score
 
@@ -75,19 +71,14 @@ def annealed_langevin_loop(
         raise ValueError(f"timesteps must lie in 0 … {T - 1}")
     if device is None:
         device = x_init.device if x_init is not None else torch.device("cpu")
-    gdev = generator.device if generator is not None else torch.device(device)
-
-    def randn() -> torch.Tensor:
-        return torch.randn(tuple(shape), generator=generator, device=gdev).to(device)
-
-    x = x_init.to(device) if x_init is not None else randn()
+    x = x_init.to(device) if x_init is not None else randn(shape, generator, device)
     one_minus_alpha_bar = 1.0 - diffusion.alpha_bar
     history = []
     for i in ts:
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
         alpha = step_scale * float(one_minus_alpha_bar[i])
         for _ in range(n_steps_each):
-            x = langevin_step(x, score(x, t), alpha, randn().to(x.dtype))
+            x = langevin_step(x, score(x, t), alpha, randn(shape, generator, device, x.dtype))
         if keep:
             history.append(x)
     return (x, torch.stack(history)) if keep else x

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .data import TensorImages, default_cache_dir, load_cifar10, load_digits
+from .precision import fp32_precision
 
 # --------------------------------------------------------------------------- the metrics themselves
 
@@ -178,13 +179,8 @@ class InceptionV3:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            features, logits = self.net(images.to(self.device))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-        return features, logits
+        with fp32_precision("fp32"):  # true fp32, whatever training or sampling set before
+            return self.net(images.to(self.device))
 
 
 class RandomFeatures:

@@ -26,12 +26,13 @@ from .unet import UNet
 # Hub models in the paper's architecture, with the dropout rate the paper trained them with
 # (App. B: 0.1 on CIFAR10, 0 elsewhere; diffusers' saved configs do not record it reliably).
 # The 256×256 entries are the "ema" uploads: the EMA weights are the ones the paper evaluates.
+# "config" names the ddpm_lib config whose diffusion (β, T, ε-prediction, σ² = β_t) they were trained with.
 PRETRAINED: dict[str, dict] = {
-    "google/ddpm-cifar10-32": {"dropout": 0.1},
-    "google/ddpm-ema-church-256": {"dropout": 0.0},
-    "google/ddpm-ema-bedroom-256": {"dropout": 0.0},
-    "google/ddpm-ema-cat-256": {"dropout": 0.0},
-    "google/ddpm-ema-celebahq-256": {"dropout": 0.0},
+    "google/ddpm-cifar10-32": {"dropout": 0.1, "config": "cifar10"},
+    "google/ddpm-ema-church-256": {"dropout": 0.0, "config": "lsun256"},
+    "google/ddpm-ema-bedroom-256": {"dropout": 0.0, "config": "lsun256"},
+    "google/ddpm-ema-cat-256": {"dropout": 0.0, "config": "lsun256"},
+    "google/ddpm-ema-celebahq-256": {"dropout": 0.0, "config": "lsun256"},
 }
 
 # diffusers UNet2DModel settings that must hold for the network to be the paper's. Keys absent

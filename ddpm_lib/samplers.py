@@ -40,12 +40,12 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_path, write_text_atomic
 from .data import derive_seed, to_model_range, to_uint8
-from .diffusion import GaussianDiffusion, Model, check_choice, model_device
+from .diffusion import GaussianDiffusion, Generators, Model, check_choice, model_device, randn
+from .precision import Autocast, check_precision, fp32_precision
 
 SAMPLERS = ("ddpm", "ddim")
 SPACINGS = ("uniform", "quadratic")
 OUTPUT_SUFFIXES = (".npz", ".png")
-Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 # --------------------------------------------------------------------------- timesteps and noise
@@ -74,20 +74,6 @@ def ddim_timesteps(T: int, steps: int, kind: str = "uniform") -> list[int]:
 def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image, seeded by (seed, image index): image i's noise stream."""
     return [torch.Generator().manual_seed(derive_seed(seed, "image", int(i))) for i in indices]
-
-
-def _randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """N(0, I) of ``shape`` from one generator, or from a list with one generator per image (row)."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
-        z = torch.empty(tuple(shape), device=generator[0].device)
-        for z_i, g in zip(z, generator, strict=True):
-            torch.randn(tuple(shape[1:]), generator=g, out=z_i)
-    else:
-        gdev = generator.device if generator is not None else device
-        z = torch.randn(tuple(shape), generator=generator, device=gdev)
-    return z.to(device=device, dtype=dtype, non_blocking=True)
 
 
 # --------------------------------------------------------------------------- one DDIM step
@@ -161,29 +147,27 @@ def sample_loop(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int]
     """
     T = diffusion.num_timesteps
     tau = sampling_timesteps(T, sampler, steps, timesteps, spacing, eta)
+    if sampler == "ddpm":  # Algorithm 2 lives with the paper's other equations
+        return diffusion.p_sample_loop(model, shape, generator=generator, progress=progress,
+                                       clip_denoised=clip_denoised, x_T=x_T, keep_steps=keep_steps, device=device)
     keep = set() if keep_steps is None else {int(i) for i in keep_steps}
     if not keep <= set(tau):
         raise ValueError(f"keep_steps {sorted(keep - set(tau))} are not among the sampler's timesteps")
     device = torch.device(device) if device is not None else model_device(model)
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-    x = x_T.to(device) if x_T is not None else _randn(shape, generator, device, torch.float32)
+    x = x_T.to(device) if x_T is not None else randn(shape, generator, device)
     traj: dict[str, list] = {"t": [], "x_t": [], "pred_x0": []}
     steps_iter = enumerate(tau)
     if progress:
         from tqdm.auto import tqdm
         steps_iter = tqdm(steps_iter, total=len(tau), desc=sampler)
-    for k, t in steps_iter:
-        if sampler == "ddpm":  # Algorithm 2, line 4
-            t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-            p = diffusion.p_sample(model, x, t_batch, clip_denoised, noise=_randn(x.shape, generator, device, x.dtype))
-            x_next = p["sample"]
-        else:  # DDIM eq. 12
-            t_prev = tau[k + 1] if k + 1 < len(tau) else -1
-            p = ddim_mean_variance(diffusion, model, x, t, t_prev, eta, clip_denoised)
-            x_next = p["mean"]
-            if p["variance"] > 0:
-                x_next = x_next + math.sqrt(p["variance"]) * _randn(x.shape, generator, device, x.dtype)
+    for k, t in steps_iter:  # DDIM eq. 12
+        t_prev = tau[k + 1] if k + 1 < len(tau) else -1
+        p = ddim_mean_variance(diffusion, model, x, t, t_prev, eta, clip_denoised)
+        x_next = p["mean"]
+        if p["variance"] > 0:
+            x_next = x_next + math.sqrt(p["variance"]) * randn(x.shape, generator, device, x.dtype)
         if t in keep:
             traj["t"].append(t)
             traj["x_t"].append(x)
@@ -210,11 +194,9 @@ def ddim_sample_loop(diffusion: GaussianDiffusion, model: Model, shape: Sequence
 
 
 def _autocast(model: Model, device: torch.device, precision: str) -> Model:
-    from .train import PRECISIONS, Autocast
-
-    check_choice("precision", precision, PRECISIONS)
+    check_precision(precision)
     if precision != "bf16":
-        return model  # TF32 is a global switch: train.set_fp32_precision (the CLI sets it)
+        return model  # fp32 / tf32: generate() sets the matmul precision around the loop
     return Autocast(model, device.type, torch.bfloat16)
 
 
@@ -247,9 +229,10 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
 
     Image i's noise comes from its own generator (``image_generators(seed, [i])``), see the module
     docstring. ``sampler``, ``steps``, ``spacing``, ``eta`` as in ``sample_loop``. The model runs on
-    ``device`` (default: where its weights are; an ``nn.Module`` is moved there) in eval mode as given,
-    under bf16 autocast when ``precision="bf16"``, ``batch_size`` images at a time (default
-    min(n, chunk_size)). ``image_shape`` (C, H, W) defaults to ``model.config``.
+    ``device`` (default: where its weights are; an ``nn.Module`` is moved there and put in eval mode,
+    since dropout would break the seed's promise), in ``precision`` (fp32, tf32 or bf16 autocast),
+    ``batch_size`` images at a time (default min(n, chunk_size)). ``image_shape`` (C, H, W) defaults
+    to ``model.config``.
 
     With ``out_path`` (``.npz`` or ``.png``) the images are also written: ``.npz`` holds ``images``
     and ``job`` (a JSON string of the arguments that determine the images), plus a grid of the first 64
@@ -260,26 +243,28 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
     """
     if n < 1:
         raise ValueError(f"n={n} must be at least 1")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be at least 1")
+    for name, value, low in (("chunk_size", chunk_size, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if value is not None and (not isinstance(value, int) or value < low):
+            raise ValueError(f"{name}={value!r} must be an integer >= {low}")
     if out_path is not None and Path(out_path).suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"out_path {out_path}: the suffix must be one of {OUTPUT_SUFFIXES}")
     tau = sampling_timesteps(diffusion.num_timesteps, sampler, steps, None, spacing, eta)
     shape = _image_shape(model, image_shape)
     device = torch.device(device) if device is not None else model_device(model)
     if isinstance(model, nn.Module):
-        model.to(device)
+        model.to(device).eval()
     net = _autocast(model, device, precision)
     batch_size = batch_size or min(n, chunk_size)
 
     def sample(indices: Sequence[int]) -> np.ndarray:  # uint8 [b, H, W, C]
-        x = sample_loop(diffusion, net, (len(indices), *shape), sampler=sampler, steps=steps, spacing=spacing,
-                        eta=eta, generator=image_generators(seed, indices), clip_denoised=clip_denoised,
-                        device=device)
+        with fp32_precision(precision):
+            x = sample_loop(diffusion, net, (len(indices), *shape), sampler=sampler, steps=steps, spacing=spacing,
+                            eta=eta, generator=image_generators(seed, indices), clip_denoised=clip_denoised,
+                            device=device)
         return to_uint8(x.float()).permute(0, 2, 3, 1).cpu().numpy()
 
     if out_path is None:
-        return torch.from_numpy(_run_batches(sample, list(range(n)), batch_size, progress, 0, n, lambda _: None))
+        return torch.from_numpy(_run_batches(sample, list(range(n)), batch_size, progress, 0, n))
     job = {"format": "ddpm_lib-samples", "version": 1, "n": n, "chunk_size": chunk_size, "sampler": sampler,
            "steps": len(tau), "spacing": spacing if sampler == "ddim" else None,
            "eta": float(eta), "seed": seed, "clip_denoised": clip_denoised, "precision": precision,
@@ -288,8 +273,10 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
 
 
 def _run_batches(sample: Callable[[Sequence[int]], np.ndarray], indices: list[int], batch_size: int,
-                 progress: bool, done: int, total: int, on_batch: Callable[[dict[int, np.ndarray]], None]):
-    """Sample ``indices`` in batches; call ``on_batch({index: image})`` after each; return all stacked."""
+                 progress: bool, done: int, total: int,
+                 on_batch: Callable[[dict[int, np.ndarray]], None] | None = None) -> np.ndarray | None:
+    """Sample ``indices`` in batches. With ``on_batch``, hand it each batch ({index: image}) and keep
+    nothing (the caller stores them); without, return all images stacked."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -298,8 +285,10 @@ def _run_batches(sample: Callable[[Sequence[int]], np.ndarray], indices: list[in
     for start in range(0, len(indices), batch_size):
         batch = indices[start:start + batch_size]
         images = sample(batch)
-        on_batch(dict(zip(batch, images, strict=True)))
-        out.append(images)
+        if on_batch is not None:
+            on_batch(dict(zip(batch, images, strict=True)))
+        else:
+            out.append(images)
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:

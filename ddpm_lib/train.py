@@ -46,9 +46,8 @@ from . import checkpoint as ckpt_io
 from .configs import Config, get_config
 from .data import TensorImages, derive_seed, iterate_batches, make_dataset, to_model_range
 from .diffusion import GaussianDiffusion
+from .precision import Autocast, check_precision, set_fp32_precision
 from .unet import UNet
-
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -102,19 +101,6 @@ def setup_distributed(device: torch.device) -> tuple[DistInfo, torch.device, boo
     return info, device, True
 
 
-def set_fp32_precision(device: torch.device, precision: str) -> None:
-    """On CUDA, allow TF32 tensor cores for fp32 matmuls/convs only when ``precision`` is not "fp32"."""
-    if device.type != "cuda":
-        return
-    mode = "ieee" if precision == "fp32" else "tf32"
-    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-        torch.backends.cudnn.allow_tf32 = mode == "tf32"
-
-
 def learning_rate(step: int, base_lr: float, warmup: int) -> float:
     """App. B's schedule: linear warm-up over the first ``warmup`` updates, then constant.
 
@@ -134,21 +120,6 @@ def ema_update_(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)
-
-
-class Autocast(nn.Module):
-    """Runs ``net`` under autocast (bf16) and returns float32, so the loss is computed in fp32."""
-
-    def __init__(self, net: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.net, self.device_type, self.dtype = net, device_type, dtype
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        if self.dtype is None:
-            return self.net(x, t)
-        with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.net(x, t)
-        return out.float()
 
 
 # --------------------------------------------------------------------------- one step of Algorithm 1
@@ -174,8 +145,7 @@ class TrainingState:
 def build_training_state(cfg: Config, device: torch.device, precision: str = "fp32", compile: bool = False,
                          dist_info: DistInfo | None = None) -> TrainingState:
     """Model (initialized from the seed), EMA copy, Adam and the diffusion, ready for ``train_step``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    check_precision(precision)
     dist_info = dist_info or DistInfo()
     tc = cfg.train
     set_fp32_precision(device, precision)
@@ -355,9 +325,6 @@ class LossWatch:
 
 # Released weights that load_for_sampling accepts by name → the config whose diffusion they were trained
 # with (the paper's CIFAR10 run: linear β, T = 1000, ε-prediction, σ² = β_t).
-PRETRAINED_DIFFUSION = {"google/ddpm-cifar10-32": "cifar10"}
-
-
 @dataclass
 class LoadedModel:
     """EMA weights ready for Algorithm 2: the network, its diffusion, the config and the step."""
@@ -370,15 +337,16 @@ class LoadedModel:
 
 def load_for_sampling(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
     """The EMA model of a run directory, an ``ema.safetensors`` or a ``ckpt.safetensors`` (eval mode);
-    or, when ``path`` is not a local file and names released weights with a known diffusion
-    (``PRETRAINED_DIFFUSION``, e.g. "google/ddpm-cifar10-32"), those weights from the Hub
+    or, when ``path`` is not a local file and names released weights (``pretrained.PRETRAINED``,
+    e.g. "google/ddpm-cifar10-32", with the diffusion of the config listed there), those weights from the Hub
     (``pretrained.load_pretrained``; online the first time) with ``step`` −1 (unknown)."""
     device = resolve_device(device)
-    if str(path) in PRETRAINED_DIFFUSION and not os.path.exists(path):
-        from . import pretrained
+    from . import pretrained
 
+    if str(path) in pretrained.PRETRAINED and not os.path.exists(path):
         model = pretrained.load_pretrained(str(path))
-        cfg = dataclasses.replace(get_config(PRETRAINED_DIFFUSION[str(path)]), name=str(path), model=model.config)
+        base = get_config(pretrained.PRETRAINED[str(path)]["config"])
+        cfg = dataclasses.replace(base, name=str(path), model=model.config)
         return LoadedModel(model.to(device).eval(), GaussianDiffusion.from_config(cfg.diffusion), cfg, -1)
     weights, cfg, step = ckpt_io.ema_state_dict(path)
     model = UNet.from_config(cfg.model)
@@ -513,8 +481,10 @@ def train(cfg: Config | str, out_dir: str | os.PathLike, *, resume: bool = False
     for name, value in (("keep_every", keep_every), ("sample_every", sample_every)):
         if value < 0:
             raise ValueError(f"{name}={value} must be >= 0 (0 turns it off)")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    if keep_every % ckpt_every:
+        raise ValueError(f"keep_every={keep_every} must be a multiple of ckpt_every={ckpt_every}: copies are "
+                         "kept of checkpoints, which are written every ckpt_every steps")
+    check_precision(precision)
 
     dist_info, dev, created_group = setup_distributed(resolve_device(device))
     main = dist_info.is_main
@@ -623,9 +593,11 @@ def _train_loop(cfg: Config, out: Path, dist_info: DistInfo, dev: torch.device, 
                 check()
                 with watch.paused():
                     if main:
+                        # EMA first: a crash between the two writes leaves a resumable checkpoint
+                        # and an EMA file at least as new (never an EMA older than the checkpoint).
+                        ckpt_io.save_ema(out / ckpt_io.EMA_NAME, state.ema, step, cfg)
                         ckpt_io.save_checkpoint(ckpt_path, model=state.model, ema=state.ema,
                                                 optimizer=state.optimizer, step=step, cfg=cfg)
-                        ckpt_io.save_ema(out / ckpt_io.EMA_NAME, state.ema, step, cfg)
                         if keep_every and step % keep_every == 0:
                             ckpt_io.keep_copy(ckpt_path, step)
                 last_ckpt = step

@@ -161,3 +161,11 @@ def test_derived_seeds_differ_across_streams_and_steps():
     seeds = {data.derive_seed(0, tag, s) for tag in ("noise", "flip") for s in range(100)}
     assert len(seeds) == 200
     assert data.derive_seed(0, "noise", 5) == data.derive_seed(0, "noise", 5)
+
+
+def test_to_model_range_leaves_its_input_alone():
+    from ddpm_lib.data import to_model_range
+
+    images = torch.tensor([[0.0, 255.0]])
+    out = to_model_range(images)
+    assert torch.equal(out, torch.tensor([[-1.0, 1.0]])) and torch.equal(images, torch.tensor([[0.0, 255.0]]))

@@ -308,5 +308,11 @@ def test_bad_betas_and_shapes_raise():
         d.q_sample(torch.zeros(2, 3), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="model output"):
         d.p_mean_variance(lambda x, t: x[:, :1], torch.zeros(2, 3, 4, 4), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="0-based indices in 0 … 999"):
+        d.q_sample(torch.zeros(2, 3), torch.tensor([1, 1000]))  # the paper's t = 1000 is index 999
+    with pytest.raises(ValueError, match="0-based"):
+        d.q_sample(torch.zeros(2, 3), torch.tensor([-1, 5]))
+    with pytest.raises(ValueError, match="x_T has shape"):
+        d.p_sample_loop(lambda x, t: x, (2, 3), x_T=torch.zeros(3, 3))
     with pytest.raises(ValueError, match="noise shape"):
         d.q_sample(torch.zeros(2, 3), torch.tensor([1, 2]), torch.zeros(2, 4))

@@ -71,5 +71,16 @@ def test_annealed_langevin_keeps_history_and_checks_arguments():
     assert hist.shape == (3, 2, 3) and torch.equal(hist[-1], x)
     with pytest.raises(ValueError, match="timesteps"):
         annealed_langevin_loop(d, score, (2, 3), timesteps=[100])
-    with pytest.raises(ValueError, match="mean_type"):
-        score_from_eps_model(GaussianDiffusion(make_beta_schedule("linear", 100), mean_type="x0"), score)
+
+
+
+def test_score_of_an_x0_model_equals_the_score_of_the_matching_eps_model():
+    # The same prediction expressed as x̂_0 or as ε̂ gives the same score (eq. 4 links them).
+    d_eps = GaussianDiffusion(make_beta_schedule("linear", 1000))
+    d_x0 = GaussianDiffusion(make_beta_schedule("linear", 1000), mean_type="x0")
+    eps_model = OptimalEps(d_eps, 0.1, 0.2)
+    x0_model = lambda x, t: d_eps.predict_x0_from_eps(x, t, eps_model(x, t))  # noqa: E731
+    x = torch.randn(4, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([3, 30, 300, 900])
+    assert torch.allclose(score_from_eps_model(d_x0, x0_model)(x, t), score_from_eps_model(d_eps, eps_model)(x, t),
+                          rtol=1e-8, atol=1e-10)

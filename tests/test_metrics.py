@@ -11,6 +11,7 @@ import torch
 
 from ddpm_lib import metrics as M
 from ddpm_lib.data import load_cifar10
+from ddpm_lib.precision import _get, set_fp32_precision
 
 
 def random_covariance(d: int, rng: np.random.Generator, rank: int | None = None) -> np.ndarray:
@@ -181,7 +182,12 @@ def test_inception_replica_gives_pool3_features_and_1008_logits(tmp_path, monkey
     torch.save(net.state_dict(), tmp_path / "w.pth")
     ext = M.InceptionV3(device="cpu", weights_path=tmp_path / "w.pth", download=False)
     assert ext.name == "inception-v3-compat"
+    # Training or sampling may have set TF32 through torch's precision API first: no clash, and it is restored.
+    set_fp32_precision(torch.device("cuda"), "tf32")
+    before = _get()
     features, logits = M.extract(torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8), ext)
+    assert _get() == before
+    set_fp32_precision(torch.device("cuda"), "fp32")
     assert features.shape == (2, 2048) and logits.shape == (2, 1008)
     assert np.isfinite(features).all() and np.isfinite(logits).all()
 

@@ -234,3 +234,8 @@ def test_missing_tensorboard_only_warns(tmp_path, monkeypatch):
     log.log({"step": 1, "loss": 0.5, "lr": 1e-4, "grad_norm": 1.0, "images_per_s": 10.0})
     log.close()
     assert (tmp_path / "metrics.csv").read_text().splitlines()[1].startswith("1,0.5,")
+
+
+def test_keep_every_must_be_a_multiple_of_ckpt_every(tmp_path):
+    with pytest.raises(ValueError, match="keep_every=7 must be a multiple of ckpt_every=5"):
+        train(get_config("tiny"), tmp_path / "run", ckpt_every=5, keep_every=7, device="cpu")
