@@ -8,7 +8,8 @@ the stored outputs and the outputs nbval computes come from one environment:
   these variables just for that moment, so the rest of the test session keeps its own. They pin
   the inline matplotlib backend (CI exports ``MPLBACKEND=Agg``, which would stop figures from being
   shown), ask ``ddpm_lib.viz`` for the static scrubber (no widget model ids in the outputs), and
-  use one thread so floating-point reductions add up in the same order.
+  use one thread so floating-point reductions add up in the same order, and put this checkout first
+  on the kernel's import path, so the notebooks test the library next to them.
 * ``SANITIZE_FILE``: regular expressions applied to outputs before nbval compares them, for what
   cannot be the same on every machine: base64 image bytes (nbval already skips ``image/png``
   outputs; this extends that to the PNG frames inside the static scrubbers' HTML) and object
@@ -31,6 +32,9 @@ NOTEBOOK_ENV: dict[str, str] = {
     "PYTHONHASHSEED": "0",
     "HF_HUB_OFFLINE": "1",
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+    # The notebooks import ddpm_lib from this checkout, whichever copy pip has installed.
+    "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                               os.environ.get("PYTHONPATH", "")) if p),
 }
 
 SANITIZE_FILE = Path(__file__).with_name("nbval_sanitize.cfg")

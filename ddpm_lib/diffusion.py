@@ -400,14 +400,20 @@ class GaussianDiffusion:
     def p_sample_loop_progressive(self, model: Model, shape: Sequence[int],
                                   generator: Generators = None, progress: bool = False,
                                   clip_denoised: bool = True, x_T: torch.Tensor | None = None,
-                                  device: torch.device | str | None = None):
-        """Algorithm 2 step by step: yields, for i = T−1 … 0, a dict with ``t`` (the index i), ``x_t``
-        (the input of step i), ``pred_x0`` (x̂_0 predicted from it) and ``sample`` (x_{t−1})."""
+                                  device: torch.device | str | None = None, t_start: int | None = None):
+        """Algorithm 2 step by step: yields, for i = t_start … 0 (default T−1 … 0), a dict with ``t``
+        (the index i), ``x_t`` (the input of step i), ``pred_x0`` (x̂_0 predicted from it) and
+        ``sample`` (x_{t−1}). With ``t_start``, ``x_T`` is the x_t the chain starts from (e.g. a noised
+        image, for the paper's shared-latent and interpolation figures)."""
+        T = self.num_timesteps
+        t_start = T - 1 if t_start is None else int(t_start)
+        if not 0 <= t_start < T:
+            raise ValueError(f"t_start={t_start} must be a 0-based index in 0 … {T - 1}")
         device = torch.device(device) if device is not None else model_device(model)
         if x_T is not None and tuple(x_T.shape) != tuple(shape):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
         x = x_T.to(device) if x_T is not None else randn(shape, generator, device)
-        steps = range(self.num_timesteps - 1, -1, -1)
+        steps = range(t_start, -1, -1)
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc="sampling")
@@ -420,7 +426,8 @@ class GaussianDiffusion:
     @torch.no_grad()
     def p_sample_loop(self, model: Model, shape: Sequence[int], generator: Generators = None,
                       progress: bool = False, clip_denoised: bool = True, x_T: torch.Tensor | None = None,
-                      keep_steps: Sequence[int] | None = None, device: torch.device | str | None = None):
+                      keep_steps: Sequence[int] | None = None, device: torch.device | str | None = None,
+                      t_start: int | None = None):
         """Algorithm 2: start from x_T ~ N(0, I) and apply ``p_sample`` for t = T … 1.
 
         Noise comes from ``generator``, one or a list with one per image (reproducible: the same seeds
@@ -428,6 +435,7 @@ class GaussianDiffusion:
         live on the model's device (or ``device``). Returns x_0 [*shape]. With ``keep_steps`` (indices
         i) it returns ``(x_0, trajectory)``, where trajectory holds ``t`` [K], ``x_t`` [K, *shape] and
         ``pred_x0`` [K, *shape] at those steps (for the progressive-generation figures, Fig. 6).
+        With ``t_start`` = i the chain starts at index i from ``x_T`` (then an x_t) instead of T − 1.
         """
         keep = set(int(i) for i in keep_steps) if keep_steps is not None else set()
         bad = [i for i in keep if not 0 <= i < self.num_timesteps]
@@ -436,7 +444,7 @@ class GaussianDiffusion:
         traj: dict[str, list] = {"t": [], "x_t": [], "pred_x0": []}
         x = None
         for step in self.p_sample_loop_progressive(model, shape, generator, progress, clip_denoised, x_T,
-                                                   device):
+                                                   device, t_start):
             if step["t"] in keep:
                 traj["t"].append(step["t"])
                 traj["x_t"].append(step["x_t"])

@@ -316,3 +316,18 @@ def test_bad_betas_and_shapes_raise():
         d.p_sample_loop(lambda x, t: x, (2, 3), x_T=torch.zeros(3, 3))
     with pytest.raises(ValueError, match="noise shape"):
         d.q_sample(torch.zeros(2, 3), torch.tensor([1, 2]), torch.zeros(2, 4))
+
+
+def test_sampling_can_start_from_an_intermediate_step():
+    # Starting at index i from the x_t that the full chain reached there gives the full chain's result.
+    d = GaussianDiffusion(make_beta_schedule("linear", 30))
+    net = TinyNet(30)
+    x, traj = d.p_sample_loop(net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(0), keep_steps=[12])
+    g = torch.Generator().manual_seed(0)
+    torch.randn((2, 3, 8, 8), generator=g)  # x_T
+    for _ in range(29, 12, -1):  # the noise of steps 29 … 13
+        torch.randn((2, 3, 8, 8), generator=g)
+    tail = d.p_sample_loop(net, (2, 3, 8, 8), generator=g, x_T=traj["x_t"][0], t_start=12)
+    assert torch.equal(tail, x)
+    with pytest.raises(ValueError, match="t_start"):
+        d.p_sample_loop(net, (2, 3, 8, 8), t_start=30)
