@@ -37,24 +37,23 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
+def _float_in(low: float, high: float = float("inf"), low_open: bool = False):
+    """An argparse type: a number in [low, high] (or (low, high] when ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ((value > low if low_open else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(
+                f"{value} must be > {low:g}" if high == float("inf") else f"{value} must lie in [{low:g}, {high:g}]")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must lie in [0, 1]")
-    return value
+_positive_float = _float_in(0.0, low_open=True)
+_unit_float = _float_in(0.0, 1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:

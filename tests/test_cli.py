@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes import write_fake_cifar10
 from PIL import Image
 
 import ddpm_lib.checkpoint as ckpt_io
@@ -24,13 +24,7 @@ FAST = ["--no-progress", "--sample-every", "0", "--device", "cpu"]
 def cifar_cache(tmp_path_factory, monkeypatch):
     """A fake CIFAR10 in the cifar-10-batches-py format, found through $DDPM_LIB_CACHE."""
     root = tmp_path_factory.mktemp("cache")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        rows = rng.integers(0, 256, (8, 3072), dtype=np.uint8)
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump({b"data": rows, b"labels": [0] * 8}, f, protocol=2)
+    write_fake_cifar10(root, per_batch=8)
     monkeypatch.setenv("DDPM_LIB_CACHE", str(root))
     return root
 

@@ -7,28 +7,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from fakes import write_fake_cifar10
 from PIL import Image
 
 from ddpm_lib import data
 
 
-def write_fake_cifar10(root, per_batch: int = 4, seed: int = 0) -> np.ndarray:
-    """The documented cifar-10-batches-py layout, with random images; returns them [N, 3, 32, 32]."""
-    folder = root / data.CIFAR10_FOLDER
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (5 * per_batch, 3 * 32 * 32), dtype=np.uint8)
-    for i in range(5):
-        rows = images[i * per_batch:(i + 1) * per_batch]
-        batch = {b"batch_label": b"fake", b"labels": [i] * per_batch, b"data": rows,
-                 b"filenames": [b"x.png"] * per_batch}
-        with open(folder / f"data_batch_{i + 1}", "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-    return images.reshape(-1, 3, 32, 32)
-
-
 def test_cifar10_reader_reads_the_documented_layout(tmp_path):
-    want = write_fake_cifar10(tmp_path)
+    want, _ = write_fake_cifar10(tmp_path, per_batch=4)
     ds = data.load_cifar10(tmp_path, download=False)
     assert ds.images.shape == (20, 3, 32, 32) and ds.images.dtype == torch.uint8
     assert torch.equal(ds.images, torch.from_numpy(want))
@@ -55,7 +41,7 @@ def test_missing_cifar10_without_download_is_a_clear_error(tmp_path):
 
 
 def test_make_dataset_resizes_cifar10_to_the_config_resolution(tmp_path):
-    write_fake_cifar10(tmp_path)
+    write_fake_cifar10(tmp_path, per_batch=4)
     ds = data.make_dataset("cifar10", 16, cache_dir=tmp_path, download=False)
     assert ds.images.shape == (20, 3, 16, 16) and ds.images.dtype == torch.uint8
 

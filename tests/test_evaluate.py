@@ -4,11 +4,11 @@ JSON report — offline, with a stand-in feature extractor and a fake CIFAR10.""
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
 import torch
+from fakes import write_fake_cifar10
 
 import ddpm_lib.checkpoint as ckpt_io
 from ddpm_lib import GaussianDiffusion, UNet, get_config, make_beta_schedule, metrics, toy
@@ -22,13 +22,7 @@ M_DATA, V_DATA = 0.1, 0.3 ** 2  # discretized N(0.1, 0.3²) pixels
 def fake_cifar10(tmp_path, monkeypatch):
     """cifar-10-batches-py (5 training batches and the test batch of 6 images each) in $DDPM_LIB_CACHE."""
     root = tmp_path / "cache"
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), b"labels": [0] * 6}, f,
-                        protocol=2)
+    write_fake_cifar10(root, per_batch=6)
     monkeypatch.setenv("DDPM_LIB_CACHE", str(root))
     return root
 

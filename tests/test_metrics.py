@@ -3,11 +3,10 @@ extremes, cached reference statistics, and the Inception replica's wiring (offli
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 import pytest
 import torch
+from fakes import write_fake_cifar10
 
 from ddpm_lib import metrics as M
 from ddpm_lib.data import load_cifar10
@@ -17,20 +16,6 @@ from ddpm_lib.precision import _get, set_fp32_precision
 def random_covariance(d: int, rng: np.random.Generator, rank: int | None = None) -> np.ndarray:
     a = rng.normal(size=(d, rank or d))
     return a @ a.T / (rank or d) + (0 if rank else 0.1 * np.eye(d))
-
-
-def write_fake_cifar10(root, per_batch: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """cifar-10-batches-py with 5 training batches and the test batch; returns (train, test) [N, 3, 32, 32]."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    rows = {name: rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-            for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
-    for name, r in rows.items():
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": r, b"labels": [0] * per_batch}, f, protocol=2)
-    train = np.concatenate([rows[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
-    return train, rows["test_batch"].reshape(-1, 3, 32, 32)
 
 
 class CountingExtractor(M.RandomFeatures):

@@ -6,14 +6,13 @@ import csv
 import dataclasses
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from fakes import write_fake_cifar10
 
 import ddpm_lib.checkpoint as ckpt_io
 from ddpm_lib.configs import get_config
@@ -37,13 +36,7 @@ QUIET = dict(progress=False, tensorboard=False, sample_every=0)
 def cifar_cache(tmp_path_factory):
     """A fake CIFAR10 (40 random 32×32 images) in the cifar-10-batches-py format."""
     root = tmp_path_factory.mktemp("cache")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        rows = rng.integers(0, 256, (8, 3072), dtype=np.uint8)
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump({b"data": rows, b"labels": [0] * 8}, f, protocol=2)
+    write_fake_cifar10(root, per_batch=8)
     return root
 
 
