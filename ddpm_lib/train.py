@@ -29,6 +29,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import io
 import math
 import os
 import time
@@ -223,10 +224,11 @@ class MetricsLog:
         if self.path.exists():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, self.FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        ckpt_io.write_text_atomic(self.path, text.getvalue())  # a crash here never loses the history
         self.tb = None
         if tensorboard:
             try:
