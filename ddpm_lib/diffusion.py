@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .schedules import alpha_bar as schedule_alpha_bar
 from .schedules import make_beta_schedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,7 +111,7 @@ class GaussianDiffusion:
 
         # All constants in float64 (index i ↔ paper's t = i + 1).
         alphas = 1.0 - betas
-        alpha_bar = torch.cumprod(alphas, 0)
+        alpha_bar = schedule_alpha_bar(betas)  # ᾱ_t, the same function the schedules chapter plots
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         beta_tilde = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)  # eq. 7
         log_beta_tilde = torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]]))  # β̃_1 = 0: use β̃_2
