@@ -11,6 +11,7 @@ Examples::
     python -m ddpm_lib sample --checkpoint runs/cifar10 --n 64 --out grid.png
     python -m ddpm_lib sample --checkpoint runs/cifar10 --n 50000 --batch-size 1000 --out samples.npz
     python -m ddpm_lib sample --checkpoint google/ddpm-cifar10-32 --sampler ddim --steps 50 --out ddim50.npz
+    python -m ddpm_lib sample --checkpoint runs/cifar10_cond --class-label all --guidance-scale 1 --out cfg.png
     python -m ddpm_lib eval --samples samples.npz --out report.json             # FID (train, test), IS
     python -m ddpm_lib eval --checkpoint runs/cifar10 --metrics nll rd --out bound.json   # Table 1 NLL, §4.3
 """
@@ -54,6 +55,20 @@ def _float_in(low: float, high: float = float("inf"), low_open: bool = False):
 
 _positive_float = _float_in(0.0, low_open=True)
 _unit_float = _float_in(0.0, 1.0)
+_nonnegative_float = _float_in(0.0)
+
+
+def _class_labels(text: str) -> int | str | list[int]:
+    """--class-label: ``all`` (classes 0, 1, … in turn), one int, or a comma list cycled over the images."""
+    if text.strip().lower() in ("all", "cycle"):
+        return "cycle"
+    try:
+        labels = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'all', an integer or a comma list of integers") from None
+    if any(label < 0 for label in labels):
+        raise argparse.ArgumentTypeError(f"{text!r}: class labels must be >= 0")
+    return labels[0] if len(labels) == 1 else labels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_int_at_least(1), help="global batch size (split over processes)")
     t.add_argument("--lr", type=_positive_float, help="learning rate after warm-up")
     t.add_argument("--seed", type=_int_at_least(0), help="seed of the initialization, data order and noise")
+    t.add_argument("--label-drop", type=_unit_float,
+                   help="class-conditional configs: probability of training on the null label (default 0.1)")
     t.add_argument("--data", type=Path, help="folder of images to train on instead of the config's dataset")
     t.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, tf32 (fp32 with TF32 matmuls on CUDA) or bf16 autocast")
@@ -106,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=_unit_float, default=0.0,
                    help="DDIM eta in [0, 1]: 0 deterministic, 1 the DDPM posterior variance")
     s.add_argument("--seed", type=_int_at_least(0), default=0)
+    s.add_argument("--class-label", type=_class_labels, default=None,
+                   help="class-conditional checkpoints: 'all' (classes 0, 1, … in turn), one class, or a comma "
+                        "list cycled over the images (default: the null label, i.e. unconditional)")
+    s.add_argument("--guidance-scale", type=_nonnegative_float, default=0.0,
+                   help="classifier-free guidance strength w >= 0 (Ho & Salimans 2022): "
+                        "eps = (1 + w) eps(x, y) - w eps(x, null); 0: plain conditional sampling")
     s.add_argument("--batch-size", type=_int_at_least(1), default=None,
                    help="images per batch (default: min(n, chunk size)); does not change the images")
     s.add_argument("--chunk-size", type=_int_at_least(1), default=1000,
@@ -154,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--data {args.data}: no such folder")
         data = str(args.data.resolve())
     cfg = run_config(args.out, args.config, resume=args.resume, steps=args.steps, batch_size=args.batch_size,
-                     lr=args.lr, seed=args.seed, dataset=data)
+                     lr=args.lr, seed=args.seed, dataset=data, label_drop=args.label_drop)
     summary = train(cfg, args.out, resume=args.resume, device=args.device, precision=args.precision,
                     compile=args.compile, log_every=args.log_every, ckpt_every=args.ckpt_every,
                     keep_every=args.keep_every, sample_every=args.sample_every, num_samples=args.num_samples,
@@ -170,12 +193,24 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {args.out}: the suffix must be .npz (images) or .png (a grid)")
     loaded = load_for_sampling(args.checkpoint, args.device)
+    num_classes = loaded.config.model.num_classes
+    labels = args.class_label
+    if num_classes is None and (labels is not None or args.guidance_scale):
+        raise ValueError(f"--class-label and --guidance-scale need a class-conditional checkpoint; "
+                         f"{args.checkpoint} ({loaded.config.name!r}) is unconditional")
+    if args.guidance_scale and labels is None:
+        raise ValueError("--guidance-scale needs --class-label (guidance steers towards a class)")
+    if isinstance(labels, list):
+        labels = [labels[i % len(labels)] for i in range(args.n)]
     device = next(loaded.model.parameters()).device
     generate(loaded.model, loaded.diffusion, args.n, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
              eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
-             out_path=args.out, chunk_size=args.chunk_size, progress=not args.no_progress)
+             out_path=args.out, chunk_size=args.chunk_size, progress=not args.no_progress,
+             class_labels=labels, guidance_scale=args.guidance_scale)
     steps = args.steps or loaded.diffusion.num_timesteps
     how = "ddpm" if args.sampler == "ddpm" else f"ddim, {steps} steps, eta {args.eta:g}"
+    if labels is not None:
+        how += f"; classes {args.class_label if not isinstance(labels, list) else 'cycled'}, w {args.guidance_scale:g}"
     weights = "released weights" if loaded.step < 0 else f"EMA, step {loaded.step}"
     print(f"{args.out}: {args.n} samples of {loaded.config.name!r} ({how}; {weights}; seed {args.seed})")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+LEARNED_VAR_TYPES = ("learned", "learned_range")  # the network outputs 2C channels: mean part, then variance
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -23,6 +25,8 @@ class ModelConfig:
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     num_groups: int = 32
+    # Class-conditional (Ho & Salimans 2022): the number of classes; None is unconditional (the paper).
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,9 @@ class DiffusionConfig:
 
     schedule: str = "linear"  # β_1 = 1e-4 … β_T = 0.02
     T: int = 1000
-    mean_type: str = "eps"
-    var_type: str = "fixed_large"  # σ_t² = β_t, the official CIFAR10 choice
-    loss_type: str = "simple"  # L_simple, eq. 14
+    mean_type: str = "eps"  # or "x0", "mu" (Table 2), "v" (Salimans & Ho 2022)
+    var_type: str = "fixed_large"  # σ_t² = β_t, the official CIFAR10 choice; or "learned_range" (Nichol & Dhariwal)
+    loss_type: str = "simple"  # L_simple, eq. 14; or "vlb", "hybrid" (Nichol & Dhariwal 2021, §3.1)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class TrainConfig:
     steps: int = 800_000
     random_flip: bool = True
     seed: int = 0
+    # Classifier-free guidance (Ho & Salimans 2022): the probability that a training label is replaced by
+    # the null label, so one network learns ε(x, y) and ε(x, ∅). Used only when model.num_classes is set.
+    label_drop: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class Config:
 
         d, m = self.diffusion, self.model
         GaussianDiffusion.from_config(d)  # raises ValueError naming a bad schedule/mean/var/loss choice
-        want = 2 * m.in_channels if d.var_type == "learned" else m.in_channels
+        want = 2 * m.in_channels if d.var_type in LEARNED_VAR_TYPES else m.in_channels
         if m.out_channels != want:
             raise ValueError(
                 f"model.out_channels={m.out_channels} does not fit var_type={d.var_type!r}: "
@@ -96,6 +103,24 @@ CONFIGS: dict[str, Config] = {
         ),
         train=TrainConfig(dataset="digits", batch_size=128, lr=1e-3, warmup=200, ema_decay=0.999,
                           steps=10_000, random_flip=False),
+    ),
+    # Beyond the paper: the paper's CIFAR10 model conditioned on the 10 classes, for classifier-free
+    # guidance (Ho & Salimans 2022): 35,751,939 parameters (the label embedding adds 11 × 512).
+    "cifar10_cond": Config(
+        "cifar10_cond",
+        model=ModelConfig(num_classes=10),
+        train=TrainConfig(label_drop=0.1),
+    ),
+    # The book's conditional model: ``digits`` with the 10 digit classes and label dropout 0.1,
+    # trained on a CPU (one thread) by ``tools/train_book_model.py --config digits_cond --threads 1``.
+    "digits_cond": Config(
+        "digits_cond",
+        model=ModelConfig(
+            image_size=8, in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2,
+            attn_resolutions=(4,), dropout=0.1, num_groups=8, num_classes=10,
+        ),
+        train=TrainConfig(dataset="digits", batch_size=128, lr=1e-3, warmup=200, ema_decay=0.999,
+                          steps=6_000, random_flip=False, label_drop=0.1),
     ),
     # Trains in seconds on a CPU: for tests and smoke runs.
     "tiny": Config(

@@ -70,13 +70,19 @@ def to_uint8(images: Tensor) -> Tensor:
 
 
 class TensorImages(torch.utils.data.Dataset):
-    """Images held in memory as one uint8 tensor [N, C, H, W] (CIFAR10 fits: 150 MB)."""
+    """Images held in memory as one uint8 tensor [N, C, H, W] (CIFAR10 fits: 150 MB), with optional
+    class labels, an int64 tensor [N] (for class-conditional training)."""
 
-    def __init__(self, images: Tensor, name: str = "tensor") -> None:
+    def __init__(self, images: Tensor, name: str = "tensor", labels: Tensor | None = None) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be a uint8 tensor [N, C, H, W], "
                              f"got {images.dtype} {list(images.shape)}")
-        self.images, self.name = images, name
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.dtype != torch.int64 or tuple(labels.shape) != (images.shape[0],):
+                raise ValueError(f"labels must be an int64 tensor [N] = [{images.shape[0]}], "
+                                 f"got {labels.dtype} {list(labels.shape)}")
+        self.images, self.name, self.labels = images, name, labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -87,6 +93,12 @@ class TensorImages(torch.utils.data.Dataset):
     def batch(self, indices: Tensor) -> Tensor:
         """The uint8 images at ``indices`` [b] as [b, C, H, W] (one gather, no DataLoader needed)."""
         return self.images[indices]
+
+    def batch_labels(self, indices: Tensor) -> Tensor:
+        """The class labels at ``indices`` [b]; ValueError when the dataset has none."""
+        if self.labels is None:
+            raise ValueError(f"dataset {self.name!r} has no class labels (a class-conditional model needs them)")
+        return self.labels[indices.to(self.labels.device)]
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -203,8 +215,11 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True, s
 
         print(f"downloading CIFAR10 into {root} …")
         CIFAR10(str(root), train=split == "train", download=True)
-    images = np.concatenate([read_cifar10_batch(folder / f)[0] for f in files[split]])
-    return TensorImages(torch.from_numpy(images), name="cifar10" if split == "train" else "cifar10-test")
+    batches = [read_cifar10_batch(folder / f) for f in files[split]]
+    images = np.concatenate([b[0] for b in batches])
+    labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
+    return TensorImages(torch.from_numpy(images), name="cifar10" if split == "train" else "cifar10-test",
+                        labels=labels)
 
 
 DIGITS_TRAIN = 1500  # the first 1,500 of scikit-learn's 1,797 digits train; the rest are held out
@@ -212,18 +227,20 @@ DIGITS_TRAIN = 1500  # the first 1,500 of scikit-learn's 1,797 digits train; the
 
 def load_digits(split: str = "train") -> TensorImages:
     """scikit-learn's 8×8 digits (UCI ML hand-written digits; bundled, no download) as uint8
-    [N, 1, 8, 8]: grey levels 0…16 mapped to the nearest of 0…255. ``split`` is "train" (the first
-    1,500) or "test" (the other 297)."""
+    [N, 1, 8, 8]: grey levels 0…16 mapped to the nearest of 0…255, with their labels 0…9 (``.labels``).
+    ``split`` is "train" (the first 1,500) or "test" (the other 297)."""
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r} must be 'train' or 'test'")
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as e:
         raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from e
-    levels = torch.from_numpy(sk_load_digits().images)  # float64 in [0, 16]
+    digits = sk_load_digits()
+    levels = torch.from_numpy(digits.images)  # float64 in [0, 16]
     images = (levels * (255 / 16)).round().to(torch.uint8)[:, None]
-    images = images[:DIGITS_TRAIN] if split == "train" else images[DIGITS_TRAIN:]
-    return TensorImages(images, name=f"digits-{split}")
+    labels = torch.from_numpy(digits.target).to(torch.int64)
+    part = slice(None, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
+    return TensorImages(images[part], name=f"digits-{split}", labels=labels[part])
 
 
 def resize_images(images: Tensor, size: int) -> Tensor:
@@ -248,7 +265,7 @@ def make_dataset(dataset: str, image_size: int, channels: int = 3,
         if channels != 3:
             raise ValueError(f"CIFAR10 has 3 channels, the model expects {channels}")
         ds = load_cifar10(cache_dir, download=download)
-        return TensorImages(resize_images(ds.images, image_size), name="cifar10")
+        return TensorImages(resize_images(ds.images, image_size), name="cifar10", labels=ds.labels)
     if dataset.lower() == "digits":
         if channels != 1 or image_size != 8:
             raise ValueError(f"digits are 1×8×8; the model expects {channels}×{image_size}×{image_size}")
@@ -304,6 +321,12 @@ def flip_mask(global_batch: int, step: int, seed: int, rank: int = 0, world_size
     return mask[rank * local:(rank + 1) * local]
 
 
+def apply_flips(images: Tensor, flip: Tensor) -> Tensor:
+    """Flip horizontally the images [b, C, H, W] where ``flip`` [b] is true (App. B's augmentation)."""
+    flip = flip.to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
 class _StepBatches(torch.utils.data.Sampler):
     """Yields rank ``rank``'s index list for steps start … stop − 1 (for a DataLoader's batch_sampler)."""
 
@@ -322,13 +345,26 @@ class _StepBatches(torch.utils.data.Sampler):
 
 def iterate_batches(dataset, global_batch: int, seed: int, start_step: int, stop_step: int,
                     rank: int = 0, world_size: int = 1, random_flip: bool = True,
-                    num_workers: int = 0) -> Iterator[tuple[int, Tensor]]:
+                    num_workers: int = 0, with_labels: bool = False) -> Iterator[tuple]:
     """(step, uint8 images [global_batch / world_size, C, H, W]) for step = start_step … stop_step − 1.
 
     In-memory datasets are gathered directly; folders are read by a DataLoader (``num_workers``
-    processes) in the same deterministic order. Flips (App. B) are applied here.
+    processes) in the same deterministic order. Flips (App. B) are applied here. With ``with_labels``
+    (class-conditional training) it yields (step, images, labels [b]) instead; only in-memory datasets
+    with ``labels`` have them (a folder of images raises ValueError).
     """
     steps_per_epoch(len(dataset), global_batch)  # fail early with a clear message
+    if with_labels:
+        if not isinstance(dataset, TensorImages) or dataset.labels is None:
+            raise ValueError(f"dataset {getattr(dataset, 'name', dataset)!r} has no class labels: class-conditional "
+                             "training needs a labelled dataset ('cifar10' or 'digits')")
+        for step in range(start_step, stop_step):
+            idx = batch_indices(len(dataset), global_batch, step, seed, rank, world_size)
+            images = dataset.batch(idx)
+            if random_flip:
+                images = apply_flips(images, flip_mask(global_batch, step, seed, rank, world_size))
+            yield step, images, dataset.batch_labels(idx)
+        return
     if isinstance(dataset, TensorImages):
         def gather() -> Iterator[Tensor]:
             for step in range(start_step, stop_step):
@@ -340,6 +376,5 @@ def iterate_batches(dataset, global_batch: int, seed: int, start_step: int, stop
                                                    persistent_workers=False))
     for step, images in zip(range(start_step, stop_step), batches, strict=True):
         if random_flip:
-            flip = flip_mask(global_batch, step, seed, rank, world_size).to(images.device)
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            images = apply_flips(images, flip_mask(global_batch, step, seed, rank, world_size))
         yield step, images

@@ -17,6 +17,23 @@ Where the official code differs from the paper's text we follow the official cod
   ``fixed_small`` and ``fixed_large`` alike (the official code does this for the decoder's scale,
   which is the only place index 0's variance is used: sampling adds no noise at t = 1).
 * Schedule constants are computed in float64; they are cast to the data's dtype when gathered.
+
+Beyond the paper, three options from later work, each a choice of the same class:
+
+* ``var_type="learned_range"`` (Nichol & Dhariwal 2021, "Improved DDPM", arXiv:2102.09672, eq. 15): the
+  network outputs v per pixel and log Σ_θ = frac · log β_t + (1 − frac) · log β̃_t with frac = (v + 1) / 2,
+  so v = 1 is σ² = β_t (``fixed_large``) and v = −1 is σ² = β̃_t (``fixed_small``) exactly, index 0
+  included (both ends use this module's fixed log-variances; improved-diffusion's code takes log β_1 there).
+* ``loss_type="hybrid"`` (their §3.1): L_hybrid = L_simple + λ L_vlb with λ = 0.001, where the L_vlb term
+  sees the predicted mean through a stop-gradient, so L_simple alone trains the mean and L_vlb the
+  variance. Per example the L_vlb estimate is T · L_t (one uniformly drawn term, in bits/dim, as the
+  ``"vlb"`` loss), which makes λ T L_t their code's ``mse + vb`` at T = 1000.
+* ``mean_type="v"`` (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512, §4): the network
+  predicts v = √ᾱ_t ε − √(1 − ᾱ_t) x_0, from which x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v and
+  ε = √(1 − ᾱ_t) x_t + √ᾱ_t v; L_simple is then ‖v − v_θ‖².
+
+The cosine schedule (Nichol & Dhariwal eq. 17) is ``schedules.make_beta_schedule("cosine", T)``, or
+``DiffusionConfig(schedule="cosine")`` in a training config.
 """
 
 from __future__ import annotations
@@ -26,15 +43,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .configs import LEARNED_VAR_TYPES
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .schedules import alpha_bar as schedule_alpha_bar
 from .schedules import make_beta_schedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-MEAN_TYPES = ("eps", "x0", "mu")
-VAR_TYPES = ("fixed_large", "fixed_small", "learned")
-LOSS_TYPES = ("simple", "vlb")
+MEAN_TYPES = ("eps", "x0", "mu", "v")
+VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
+LOSS_TYPES = ("simple", "vlb", "hybrid")
+HYBRID_LAMBDA = 0.001  # λ of L_hybrid (Nichol & Dhariwal 2021, §3.1)
 
 
 def check_choice(arg: str, value: str, valid: Sequence[str]) -> None:
@@ -78,12 +97,15 @@ class GaussianDiffusion:
     Args:
         betas: β_1 … β_T, a 1-D tensor (stored in float64), each in (0, 1].
         mean_type: what the network predicts (§3.2, Table 2): ``"eps"`` the noise ε (eq. 11),
-            ``"x0"`` the clean image x_0, ``"mu"`` the posterior mean μ̃ directly.
+            ``"x0"`` the clean image x_0, ``"mu"`` the posterior mean μ̃ directly, ``"v"`` the
+            velocity v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022).
         var_type: the reverse variance Σ_θ = σ_t² I (§3.2): ``"fixed_large"`` σ_t² = β_t,
             ``"fixed_small"`` σ_t² = β̃_t (eq. 7), ``"learned"`` a diagonal log-variance
-            output by the network (Table 2, "learned diagonal Σ").
-        loss_type: ``"simple"`` L_simple (eq. 14; for mean types x0 and mu the same unweighted
-            squared error on their own target), or ``"vlb"`` the true bound L (eq. 5).
+            output by the network (Table 2, "learned diagonal Σ"), ``"learned_range"`` an
+            interpolation between log β_t and log β̃_t output by the network (Nichol & Dhariwal, eq. 15).
+        loss_type: ``"simple"`` L_simple (eq. 14; for mean types x0, mu and v the same unweighted
+            squared error on their own target), ``"vlb"`` the true bound L (eq. 5), or ``"hybrid"``
+            L_simple + λ L_vlb (Nichol & Dhariwal §3.1; needs a learned variance).
     """
 
     def __init__(
@@ -96,10 +118,16 @@ class GaussianDiffusion:
         check_choice("mean_type", mean_type, MEAN_TYPES)
         check_choice("var_type", var_type, VAR_TYPES)
         check_choice("loss_type", loss_type, LOSS_TYPES)
-        if loss_type == "simple" and var_type == "learned":
+        if loss_type == "simple" and var_type in LEARNED_VAR_TYPES:
             raise ValueError(
-                "loss_type='simple' gives a learned variance no gradient; with var_type='learned' "
-                "use loss_type='vlb' (Table 2 trains learned Σ with the true bound L)"
+                f"loss_type='simple' gives a learned variance no gradient; with var_type={var_type!r} "
+                "use loss_type='vlb' (Table 2 trains learned Σ with the true bound L) or 'hybrid' "
+                "(L_simple + λ L_vlb, Nichol & Dhariwal 2021)"
+            )
+        if loss_type == "hybrid" and var_type not in LEARNED_VAR_TYPES:
+            raise ValueError(
+                f"loss_type='hybrid' adds λ L_vlb to train a learned variance, but var_type={var_type!r} is "
+                f"fixed (its L_vlb term has no gradient); use one of {LEARNED_VAR_TYPES} or loss_type='simple'"
             )
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or len(betas) < 2:
@@ -234,6 +262,16 @@ class GaussianDiffusion:
         return ((self._extract("sqrt_recip_alpha_bar", t, x_t) * x_t - x0)
                 / self._extract("sqrt_recipm1_alpha_bar", t, x_t))
 
+    def predict_x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Salimans & Ho 2022, §4: x̂_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v."""
+        return (self._extract("sqrt_alpha_bar", t, x_t) * x_t
+                - self._extract("sqrt_one_minus_alpha_bar", t, x_t) * v)
+
+    def predict_v(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Salimans & Ho 2022, §4: the target v = √ᾱ_t ε − √(1 − ᾱ_t) x_0."""
+        return (self._extract("sqrt_alpha_bar", t, x0) * eps
+                - self._extract("sqrt_one_minus_alpha_bar", t, x0) * x0)
+
     def predict_x0_from_mean(self, x_t: torch.Tensor, t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """Eq. 7 solved for x_0, for a network that predicts μ̃ directly."""
         return (mean - self._extract("coef_xt", t, x_t) * x_t) / self._extract("coef_x0", t, x_t)
@@ -250,15 +288,25 @@ class GaussianDiffusion:
 
     def _split_output(self, out: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         C = x_t.shape[1]
-        want = 2 * C if self.var_type == "learned" else C
+        want = 2 * C if self.var_type in LEARNED_VAR_TYPES else C
         if out.shape[0] != x_t.shape[0] or out.shape[1] != want or out.shape[2:] != x_t.shape[2:]:
             raise ValueError(
                 f"model output has shape {tuple(out.shape)}; var_type={self.var_type!r} needs "
                 f"{(x_t.shape[0], want, *x_t.shape[2:])}"
             )
-        if self.var_type == "learned":
+        if self.var_type in LEARNED_VAR_TYPES:
             return out[:, :C], out[:, C:]
         return out, None
+
+    def learned_range_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Nichol & Dhariwal 2021, eq. 15: log Σ_θ = frac · log β_t + (1 − frac) · log β̃_t, frac = (v + 1) / 2.
+
+        v = 1 gives ``fixed_large`` and v = −1 ``fixed_small`` exactly (index 0: log β̃_2 for both, as for
+        the fixed variances). v outside [−1, 1] extrapolates, as in their code.
+        """
+        frac = (v + 1) / 2
+        return (frac * self._extract("log_var_fixed_large", t, v)
+                + (1 - frac) * self._extract("log_var_fixed_small", t, v))
 
     def p_mean_variance_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                                     clip_denoised: bool = True) -> dict[str, torch.Tensor]:
@@ -270,6 +318,8 @@ class GaussianDiffusion:
         mean_out, var_out = self._split_output(out, x_t)
         if self.var_type == "learned":
             log_var = var_out
+        elif self.var_type == "learned_range":
+            log_var = self.learned_range_log_variance(var_out, t)
         else:
             log_var = self._extract(f"log_var_{self.var_type}", t, x_t).expand_as(x_t)
 
@@ -281,7 +331,8 @@ class GaussianDiffusion:
             pred_x0 = clip(self.predict_x0_from_mean(x_t, t, mean_out))
         else:
             # eps: eq. 11 written as μ̃_t(x_t, x̂_0(x_t, ε_θ)); identical to eq. 11 when not clipped.
-            raw_x0 = self.predict_x0_from_eps(x_t, t, mean_out) if self.mean_type == "eps" else mean_out
+            raw_x0 = {"eps": self.predict_x0_from_eps, "v": self.predict_x0_from_v,
+                      "x0": lambda x_t, t, out: out}[self.mean_type](x_t, t, mean_out)
             pred_x0 = clip(raw_x0)
             mean, _, _ = self.q_posterior(pred_x0, x_t, t)
         pred_eps = mean_out if self.mean_type == "eps" else self.predict_eps_from_x0(x_t, t, pred_x0)
@@ -360,7 +411,10 @@ class GaussianDiffusion:
         target is ε, x_0 or μ̃_t(x_t, x_0) for mean types eps, x0 and mu (Table 2's rows).
         ``loss_type="vlb"``: the term of eq. 5 at the drawn t, in bits/dim (L_0 at index 0); its
         expectation over t times T, plus L_T, is the bound per dimension. Learned variances train
-        only through this loss.
+        only through this loss or the next.
+        ``loss_type="hybrid"`` (Nichol & Dhariwal §3.1): L_simple + λ · T · (that term) with λ = 0.001,
+        the term computed with the mean output detached (a stop-gradient), so it trains the variance only.
+        For mean type v the simple target is v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022).
         """
         B = x0.shape[0]
         if t is None:
@@ -374,12 +428,19 @@ class GaussianDiffusion:
         x0f, x_tf = x0.float(), x_t.float()
         if self.loss_type == "vlb":
             return self.vb_terms_bpd_from_output(out, x0f, x_tf, t, clip_denoised=False)["output"]
+        mean_out, var_out = self._split_output(out, x_tf)
         target = {
             "eps": lambda: noise.float(),
             "x0": lambda: x0f,
             "mu": lambda: self.q_posterior(x0f, x_tf, t)[0],
+            "v": lambda: self.predict_v(x0f, t, noise.float()),
         }[self.mean_type]()
-        return mean_flat((target - out) ** 2)
+        loss = mean_flat((target - mean_out) ** 2)
+        if self.loss_type == "hybrid":  # stop-gradient on the mean: L_vlb trains only the variance
+            frozen = torch.cat([mean_out.detach(), var_out], dim=1)
+            vlb = self.vb_terms_bpd_from_output(frozen, x0f, x_tf, t, clip_denoised=False)["output"]
+            loss = loss + HYBRID_LAMBDA * self.num_timesteps * vlb
+        return loss
 
     # ------------------------------------------------------------------ Algorithm 2: sampling
 
@@ -401,11 +462,17 @@ class GaussianDiffusion:
     def p_sample_loop_progressive(self, model: Model, shape: Sequence[int],
                                   generator: Generators = None, progress: bool = False,
                                   clip_denoised: bool = True, x_T: torch.Tensor | None = None,
-                                  device: torch.device | str | None = None, t_start: int | None = None):
+                                  device: torch.device | str | None = None, t_start: int | None = None,
+                                  y: torch.Tensor | int | None = None, guidance_scale: float = 0.0):
         """Algorithm 2 step by step: yields, for i = t_start … 0 (default T−1 … 0), a dict with ``t``
         (the index i), ``x_t`` (the input of step i), ``pred_x0`` (x̂_0 predicted from it) and
         ``sample`` (x_{t−1}). With ``t_start``, ``x_T`` is the x_t the chain starts from (e.g. a noised
-        image, for the paper's shared-latent and interpolation figures)."""
+        image, for the paper's shared-latent and interpolation figures). For a class-conditional model,
+        ``y`` (labels [B] or one int) and ``guidance_scale`` w sample with classifier-free guidance
+        (``guidance.Guided``: ε̃ = (1 + w) ε(x_t, y) − w ε(x_t, ∅))."""
+        from .guidance import guided
+
+        model = guided(model, y, guidance_scale)
         T = self.num_timesteps
         t_start = T - 1 if t_start is None else int(t_start)
         if not 0 <= t_start < T:
@@ -428,7 +495,7 @@ class GaussianDiffusion:
     def p_sample_loop(self, model: Model, shape: Sequence[int], generator: Generators = None,
                       progress: bool = False, clip_denoised: bool = True, x_T: torch.Tensor | None = None,
                       keep_steps: Sequence[int] | None = None, device: torch.device | str | None = None,
-                      t_start: int | None = None):
+                      t_start: int | None = None, y: torch.Tensor | int | None = None, guidance_scale: float = 0.0):
         """Algorithm 2: start from x_T ~ N(0, I) and apply ``p_sample`` for t = T … 1.
 
         Noise comes from ``generator``, one or a list with one per image (reproducible: the same seeds
@@ -437,6 +504,7 @@ class GaussianDiffusion:
         i) it returns ``(x_0, trajectory)``, where trajectory holds ``t`` [K], ``x_t`` [K, *shape] and
         ``pred_x0`` [K, *shape] at those steps (for the progressive-generation figures, Fig. 6).
         With ``t_start`` = i the chain starts at index i from ``x_T`` (then an x_t) instead of T − 1.
+        ``y`` and ``guidance_scale``: classifier-free guidance, see ``p_sample_loop_progressive``.
         """
         keep = set(int(i) for i in keep_steps) if keep_steps is not None else set()
         bad = [i for i in keep if not 0 <= i < self.num_timesteps]
@@ -445,7 +513,7 @@ class GaussianDiffusion:
         traj: dict[str, list] = {"t": [], "x_t": [], "pred_x0": []}
         x = None
         for step in self.p_sample_loop_progressive(model, shape, generator, progress, clip_denoised, x_T,
-                                                   device, t_start):
+                                                   device, t_start, y, guidance_scale):
             if step["t"] in keep:
                 traj["t"].append(step["t"])
                 traj["x_t"].append(step["x_t"])

@@ -70,9 +70,9 @@ class Autocast(nn.Module):
         super().__init__()
         self.net, self.device_type, self.dtype = net, device_type, dtype
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, *args, **kwargs) -> Tensor:
         if self.dtype is None:
-            return self.net(x, t)
+            return self.net(x, t, *args, **kwargs)
         with torch.autocast(self.device_type, dtype=self.dtype):
-            out = self.net(x, t)
+            out = self.net(x, t, *args, **kwargs)
         return out.float()

@@ -23,6 +23,10 @@ and GPU up to the network's arithmetic. The noise of a batch is drawn on the CPU
 ``randn`` per image, and copied to the GPU without waiting for it (``non_blocking``), so it overlaps
 the network's forward pass. ``generate(out_path=…)`` writes finished chunks of a fixed number of
 images to ``<out_path>.partial/`` and, rerun with the same arguments, continues where it stopped.
+
+**Classifier-free guidance** (Ho & Salimans 2022): for a class-conditional network, every sampler here
+takes the class labels ``y`` and the guidance strength w (``guidance_scale``) and runs on
+``guidance.Guided(model, y, w)``, ε̃ = (1 + w) ε(x_t, y) − w ε(x_t, ∅), in place of the network.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from torch import Tensor, nn
 from .checkpoint import atomic_path, write_text_atomic
 from .data import derive_seed, to_model_range, to_uint8
 from .diffusion import GaussianDiffusion, Generators, Model, check_choice, model_device, randn
+from .guidance import check_guidance_scale, guided, num_classes_of, resolve_class_labels
 from .precision import Autocast, check_precision, fp32_precision
 
 SAMPLERS = ("ddpm", "ddim")
@@ -136,7 +141,8 @@ def sample_loop(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int]
                 steps: int | None = None, timesteps: Sequence[int] | None = None, spacing: str = "uniform",
                 eta: float = 0.0, generator: Generators = None, x_T: Tensor | None = None,
                 clip_denoised: bool = True, device: torch.device | str | None = None, progress: bool = False,
-                keep_steps: Sequence[int] | None = None):
+                keep_steps: Sequence[int] | None = None, y: Tensor | int | None = None,
+                guidance_scale: float = 0.0):
     """From x_T ~ N(0, I) to x_0 with Algorithm 2 (``sampler="ddpm"``) or DDIM (``"ddim"``).
 
     ``"ddpm"``: x_{t−1} = μ_θ(x_t, t) + σ_t z for every index (no noise at index 0), exactly
@@ -144,9 +150,12 @@ def sample_loop(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int]
     on ``sampling_timesteps(...)``. ``generator`` is one ``torch.Generator`` or a list with one per image;
     DDIM with η = 0 draws nothing after x_T. Returns x_0 [*shape]; with ``keep_steps`` (indices that
     the sampler visits) ``(x_0, trajectory)`` as ``p_sample_loop`` does (``t``, ``x_t``, ``pred_x0``).
+    For a class-conditional model, ``y`` (labels [B] or one int) and ``guidance_scale`` w give
+    classifier-free guidance (``guidance.Guided``), for either sampler; w = 0 is plain conditional sampling.
     """
     T = diffusion.num_timesteps
     tau = sampling_timesteps(T, sampler, steps, timesteps, spacing, eta)
+    model = guided(model, y, guidance_scale)
     if sampler == "ddpm":  # Algorithm 2 lives with the paper's other equations
         return diffusion.p_sample_loop(model, shape, generator=generator, progress=progress,
                                        clip_denoised=clip_denoised, x_T=x_T, keep_steps=keep_steps, device=device)
@@ -182,12 +191,14 @@ def ddim_sample_loop(diffusion: GaussianDiffusion, model: Model, shape: Sequence
                      *, timesteps: Sequence[int] | None = None, spacing: str = "uniform", eta: float = 0.0,
                      generator: Generators = None, x_T: Tensor | None = None, clip_denoised: bool = True,
                      device: torch.device | str | None = None, progress: bool = False,
-                     keep_steps: Sequence[int] | None = None):
+                     keep_steps: Sequence[int] | None = None, y: Tensor | int | None = None,
+                     guidance_scale: float = 0.0):
     """DDIM (eq. 12, σ of eq. 16) on ``steps`` indices spaced by ``spacing`` (``ddim_timesteps``), or on
     the given decreasing ``timesteps``, or on all T. See ``sample_loop`` for the other arguments."""
     return sample_loop(diffusion, model, shape, sampler="ddim", steps=steps, timesteps=timesteps,
                        spacing=spacing, eta=eta, generator=generator, x_T=x_T, clip_denoised=clip_denoised,
-                       device=device, progress=progress, keep_steps=keep_steps)
+                       device=device, progress=progress, keep_steps=keep_steps, y=y,
+                       guidance_scale=guidance_scale)
 
 
 # --------------------------------------------------------------------------- many images
@@ -224,7 +235,8 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
              steps: int | None = None, spacing: str = "uniform", eta: float = 0.0, seed: int = 0,
              batch_size: int | None = None, device: torch.device | str | None = None, precision: str = "fp32",
              clip_denoised: bool = True, image_shape: Sequence[int] | None = None,
-             out_path: str | Path | None = None, chunk_size: int = 1000, progress: bool = True) -> Tensor:
+             out_path: str | Path | None = None, chunk_size: int = 1000, progress: bool = True,
+             class_labels: int | str | Sequence[int] | Tensor | None = None, guidance_scale: float = 0.0) -> Tensor:
     """``n`` images as uint8 [n, H, W, C] (CPU), the same for a given seed whatever ``batch_size``.
 
     Image i's noise comes from its own generator (``image_generators(seed, [i])``), see the module
@@ -240,6 +252,12 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
     ``chunk_size`` images written to ``<out_path>.partial/``; rerun with the same arguments it
     skips the chunks already there (any batch size); other arguments (or other weights) raise
     ValueError. The partial folder is removed once the output is written.
+
+    A class-conditional model (``model.config.num_classes``) samples image i from class
+    ``class_labels[i]``: one int for all, ``"cycle"`` (i mod K) or n labels
+    (``guidance.resolve_class_labels``), with classifier-free guidance of strength ``guidance_scale``
+    (w ≥ 0; 0 is plain conditional sampling). Without labels it samples with the null label ∅, i.e.
+    the model's unconditional half. Both enter the job of ``out_path``.
     """
     if n < 1:
         raise ValueError(f"n={n} must be at least 1")
@@ -249,6 +267,15 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
     if out_path is not None and Path(out_path).suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"out_path {out_path}: the suffix must be one of {OUTPUT_SUFFIXES}")
     tau = sampling_timesteps(diffusion.num_timesteps, sampler, steps, None, spacing, eta)
+    guidance_scale = check_guidance_scale(guidance_scale)
+    num_classes = num_classes_of(model)
+    labels = None
+    if class_labels is not None:
+        if num_classes is None:
+            raise ValueError("class_labels were given, but the model is unconditional (no num_classes in its config)")
+        labels = resolve_class_labels(class_labels, n, num_classes)
+    elif guidance_scale != 0:
+        raise ValueError(f"guidance_scale={guidance_scale:g} needs class_labels (guidance steers towards a class)")
     shape = _image_shape(model, image_shape)
     device = torch.device(device) if device is not None else model_device(model)
     if isinstance(model, nn.Module):
@@ -257,10 +284,11 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
     batch_size = batch_size or min(n, chunk_size)
 
     def sample(indices: Sequence[int]) -> np.ndarray:  # uint8 [b, H, W, C]
+        y = None if labels is None else labels[list(indices)].to(device)
         with fp32_precision(precision):
-            x = sample_loop(diffusion, net, (len(indices), *shape), sampler=sampler, steps=steps, spacing=spacing,
-                            eta=eta, generator=image_generators(seed, indices), clip_denoised=clip_denoised,
-                            device=device)
+            x = sample_loop(diffusion, guided(net, y, guidance_scale, num_classes), (len(indices), *shape),
+                            sampler=sampler, steps=steps, spacing=spacing, eta=eta,
+                            generator=image_generators(seed, indices), clip_denoised=clip_denoised, device=device)
         return to_uint8(x.float()).permute(0, 2, 3, 1).cpu().numpy()
 
     if out_path is None:
@@ -269,6 +297,9 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
            "steps": len(tau), "spacing": spacing if sampler == "ddim" else None,
            "eta": float(eta), "seed": seed, "clip_denoised": clip_denoised, "precision": precision,
            "image_shape": list(shape), "T": diffusion.num_timesteps, "weights": weights_fingerprint(model)}
+    if labels is not None:  # only for conditional jobs, so unconditional jobs keep their old description
+        job["class_labels"] = hashlib.sha256(labels.numpy().astype("<i8").tobytes()).hexdigest()
+        job["guidance_scale"] = guidance_scale
     return torch.from_numpy(_generate_to_file(Path(out_path), job, sample, batch_size, progress))
 
 

@@ -21,6 +21,11 @@ order and flips (``data.batch_indices``, ``data.flip_mask``), the timesteps t an
 whole global batch (each process takes its slice), and dropout (seeded by (seed, s, rank)). A run
 stopped at step k and resumed therefore repeats bit for bit what the uninterrupted run does, and
 two processes with half the batch each compute what one process computes with all of it.
+
+Class-conditional models (``ModelConfig.num_classes``, for classifier-free guidance, Ho & Salimans
+2022) also read each image's label; with probability ``TrainConfig.label_drop`` a label is replaced by
+the null label ∅, drawn for the whole global batch from (seed, "label_drop", step) like the noise, so
+the one network learns both ε(x_t, y) and ε(x_t, ∅). Unconditional training draws nothing extra.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import functools
 import io
 import math
 import os
@@ -173,9 +179,26 @@ def build_training_state(cfg: Config, device: torch.device, precision: str = "fp
                          torch.Generator(device=device))
 
 
-def train_step(state: TrainingState, images: Tensor, step: int) -> tuple[Tensor, Tensor]:
+def drop_labels(labels: Tensor, null_label: int, p: float, seed: int, step: int, global_batch: int,
+                rank: int = 0, world_size: int = 1) -> Tensor:
+    """Classifier-free guidance's training labels (Ho & Salimans 2022, Algorithm 1): each label of the
+    global batch becomes ``null_label`` (∅) with probability ``p``, drawn from (seed, "label_drop", step);
+    rank ``rank`` of ``world_size`` gets its contiguous share, as with the noise."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "label_drop", step))
+    drop = torch.rand(global_batch, generator=g) < p
+    local = global_batch // world_size
+    drop = drop[rank * local:(rank + 1) * local].to(labels.device)
+    if drop.shape != labels.shape:
+        raise ValueError(f"got {labels.shape[0]} labels for a share of {local} images")
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def train_step(state: TrainingState, images: Tensor, step: int,
+               labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Update ``step`` (0-based) of Algorithm 1 on this process's share ``images`` (uint8 [b, C, H, W]).
 
+    A class-conditional model (``cfg.model.num_classes``) needs ``labels`` [b] (int64, 0 … K−1); a
+    fraction ``cfg.train.label_drop`` of them is replaced by the null label (``drop_labels``).
     Returns (mean loss over the share, gradient norm before clipping) as 0-d device tensors,
     without synchronizing with the GPU.
     """
@@ -183,6 +206,10 @@ def train_step(state: TrainingState, images: Tensor, step: int) -> tuple[Tensor,
     if images.shape[0] * world != tc.batch_size:
         raise ValueError(f"got {images.shape[0]} images for a global batch of {tc.batch_size} over {world} "
                          "process(es)")
+    num_classes = state.cfg.model.num_classes
+    if (num_classes is None) != (labels is None):
+        raise ValueError("labels must be given for a class-conditional model (num_classes set) and only for one; "
+                         f"num_classes={num_classes}, labels {'given' if labels is not None else 'missing'}")
     lr = learning_rate(step, tc.lr, tc.warmup)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -197,7 +224,12 @@ def train_step(state: TrainingState, images: Tensor, step: int) -> tuple[Tensor,
     noise = torch.randn((tc.batch_size, *x0.shape[1:]), generator=g, device=dev)[share]
     torch.manual_seed(derive_seed(tc.seed, "dropout", step, rank))
 
-    loss = state.diffusion.training_losses(state.net, x0, t=t, noise=noise).mean()  # eq. 14
+    net = state.net
+    if labels is not None:
+        y = drop_labels(labels.to(dev, torch.long), num_classes, tc.label_drop, tc.seed, step, tc.batch_size,
+                        rank, world)
+        net = functools.partial(state.net, y=y)
+    loss = state.diffusion.training_losses(net, x0, t=t, noise=noise).mean()  # eq. 14
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()  # DDP averages the gradients over processes here
     grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
@@ -360,15 +392,18 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device | None
 
 
 def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, *, batch_size: int | None = None,
-                  seed: int = 0, progress: bool = False) -> Tensor:
+                  seed: int = 0, progress: bool = False, class_labels=None,
+                  guidance_scale: float = 0.0) -> Tensor:
     """``n`` samples of Algorithm 2 as a CPU float tensor [n, C, H, W] on the 256 levels of [-1, 1].
 
     ``samplers.generate`` with ``sampler="ddpm"``: image i's noise comes from its own generator seeded
     by (seed, i), so the images do not depend on ``batch_size`` (default all ``n`` at once).
+    ``class_labels`` and ``guidance_scale`` are for a class-conditional model (see ``generate``).
     """
     from .samplers import generate
 
-    images = generate(model, diffusion, n, sampler="ddpm", seed=seed, batch_size=batch_size, progress=progress)
+    images = generate(model, diffusion, n, sampler="ddpm", seed=seed, batch_size=batch_size, progress=progress,
+                      class_labels=class_labels, guidance_scale=guidance_scale)
     return to_model_range(images.permute(0, 3, 1, 2))
 
 
@@ -440,6 +475,7 @@ def validate_train_config(cfg: Config, world_size: int = 1) -> None:
         ("grad_clip", tc.grad_clip > 0, "must be > 0"),
         ("ema_decay", 0 <= tc.ema_decay < 1, "must be in [0, 1)"),
         ("seed", tc.seed >= 0, "must be >= 0"),
+        ("label_drop", 0 <= tc.label_drop <= 1, "must be in [0, 1]"),
     ]
     for name, ok, msg in checks:
         if not ok:
@@ -551,8 +587,9 @@ def _train_loop(cfg: Config, out: Path, dist_info: DistInfo, dev: torch.device, 
         dataset.images = dataset.images.to(dev)  # CIFAR10 is 150 MB: keep it on the GPU
     if num_workers is None:
         num_workers = 0 if in_memory else min(4, os.cpu_count() or 1)
+    conditional = cfg.model.num_classes is not None
     batches = iterate_batches(dataset, tc.batch_size, tc.seed, start, total, dist_info.rank,
-                              dist_info.world_size, tc.random_flip, num_workers)
+                              dist_info.world_size, tc.random_flip, num_workers, with_labels=conditional)
 
     log = MetricsLog(out, start, tensorboard) if main else None
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not (progress and main))
@@ -577,8 +614,8 @@ def _train_loop(cfg: Config, out: Path, dist_info: DistInfo, dev: torch.device, 
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
 
     try:
-        for s, images in batches:
-            loss, grad_norm = train_step(state, images, s)
+        for s, images, *labels in batches:  # labels: [] for an unconditional model, [y] otherwise
+            loss, grad_norm = train_step(state, images, s, *labels)
             step = s + 1  # updates done
             watch.add(step, loss, grad_norm)
             bar.update(1)
@@ -587,8 +624,10 @@ def _train_loop(cfg: Config, out: Path, dist_info: DistInfo, dev: torch.device, 
             if sample_every and step % sample_every == 0:
                 check()
                 with watch.paused():  # sampling time is not training throughput
-                    if main:
-                        imgs = sample_images(state.ema, state.diffusion, num_samples, seed=tc.seed)
+                    if main:  # a conditional model: classes 0, 1, … in turn, no guidance
+                        labels = "cycle" if conditional else None
+                        imgs = sample_images(state.ema, state.diffusion, num_samples, seed=tc.seed,
+                                             class_labels=labels)
                         save_grid(imgs, out / "samples" / f"step_{step:07d}.png")
                         log.image("samples", image_grid(imgs), step)
             if step % ckpt_every == 0 or step == total:

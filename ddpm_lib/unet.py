@@ -16,6 +16,11 @@ Every feature map made on the way down (conv_in, each block, each downsample) is
 each block on the way up concatenates the top of the stack onto its input along the channels.
 That is N·L + L pushes for L levels, hence N+1 blocks per level on the way up.
 
+Beyond the paper, ``num_classes`` makes the network class-conditional for classifier-free guidance
+(Ho & Salimans 2022, arXiv:2207.12598): a learned embedding of the label y, with one extra row for the
+null label ∅ (index ``num_classes``), is added to the time embedding, so every residual block sees
+(t, y). Without it (the default) the network, its parameters and their names are the paper's.
+
 Conventions: ``t`` holds 0-based timestep indices, as in the official code (index i is the paper's
 t = i + 1); tensors are [B, C, H, W].
 """
@@ -157,20 +162,26 @@ class UNet(nn.Module):
         attn_resolutions: tuple[int, ...] = (16,),
         dropout: float = 0.1,
         num_groups: int = 32,
+        num_classes: int | None = None,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         num_levels = len(ch_mult)
         if image_size % 2 ** (num_levels - 1):
             raise ValueError(f"image_size={image_size} cannot be halved {num_levels - 1} times")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 1):
+            raise ValueError(f"num_classes={num_classes!r} must be a positive integer, or None (unconditional)")
         self.config = ModelConfig(
             image_size, in_channels, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions,
-            dropout, num_groups,
+            dropout, num_groups, num_classes,
         )
         temb_ch = 4 * ch
         block = dict(temb_ch=temb_ch, dropout=dropout, num_groups=num_groups)
 
         self.time_embed = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        if num_classes is not None:  # rows 0 … K−1 the classes, row K the null label ∅
+            self.label_embed = nn.Embedding(num_classes + 1, temb_ch)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         # Down: remember the channel count of every feature map pushed on the skip stack.
@@ -231,6 +242,31 @@ class UNet(nn.Module):
         for layer in [*zero, self.conv_out]:
             nn.init.zeros_(layer.weight)
 
+    @property
+    def null_label(self) -> int | None:
+        """The index of the null label ∅ (``num_classes``), or None for an unconditional network."""
+        return self.config.num_classes
+
+    def _labels(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        """The label indices the embedding reads: ``y`` checked, or ∅ for every image when y is None."""
+        K = self.config.num_classes
+        if K is None:
+            if y is not None:
+                raise ValueError("y (class labels) was given to an unconditional UNet (num_classes=None)")
+            return None
+        if y is None:
+            return torch.full((batch,), K, dtype=torch.long, device=device)
+        if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32) or tuple(y.shape) != (batch,):
+            what = f"{y.dtype} {list(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape [B] = [{batch}], got {what}")
+        msg = f"y must hold class labels in 0 … {K - 1}, or {K} for the null label"
+        if y.device.type == "cpu":
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) > K):
+                raise ValueError(f"{msg}, got values from {int(y.min())} to {int(y.max())}")
+        else:  # no host sync on an accelerator
+            torch._assert_async(((y >= 0) & (y <= K)).all(), msg)
+        return y.to(device)
+
     def _check_inputs(self, x: Tensor, t: Tensor) -> None:
         c = self.config
         want = (c.in_channels, c.image_size, c.image_size)
@@ -240,10 +276,15 @@ class UNet(nn.Module):
             shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"t must be a tensor of shape [B] = [{x.shape[0]}] (one index per image), got {shape}")
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """ε_θ(x_t, t): the noise predicted in x_t at timestep indices t."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """ε_θ(x_t, t), or ε_θ(x_t, t, y) for a class-conditional network: the noise predicted in x_t at
+        timestep indices t. ``y`` [B] holds class labels (``num_classes`` is the null label ∅); None means
+        ∅ for every image. An unconditional network refuses ``y``."""
         self._check_inputs(x, t)
+        labels = self._labels(y, x.shape[0], x.device)
         temb = self.time_embed(timestep_embedding(t, self.config.ch))
+        if labels is not None:
+            temb = temb + self.label_embed(labels)
 
         hs = [self.conv_in(x)]
         for level in self.down:

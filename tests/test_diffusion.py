@@ -90,17 +90,19 @@ def test_eps_mean_without_clipping_is_eq11():
     assert torch.allclose(p["pred_eps"], eps)
 
 
-def test_three_parameterizations_agree_on_the_same_prediction():
-    # The same x̂_0 expressed as ε, x_0 or μ̃ gives the same p_θ mean (§3.2).
+def test_every_parameterization_agrees_on_the_same_prediction():
+    # The same x̂_0 expressed as ε, x_0, μ̃ (§3.2) or v (Salimans & Ho 2022) gives the same p_θ mean.
     g = torch.Generator().manual_seed(4)
     x_t = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
     x0_hat = torch.rand(4, 2, 3, 3, generator=g, dtype=torch.float64) * 2 - 1
     t = torch.tensor([1, 50, 500, 999])
-    d_eps, d_x0, d_mu = (paper_diffusion(mean_type=m) for m in MEAN_TYPES)
+    assert MEAN_TYPES == ("eps", "x0", "mu", "v")
+    d_eps, d_x0, d_mu, d_v = (paper_diffusion(mean_type=m) for m in MEAN_TYPES)
     eps = d_eps.predict_eps_from_x0(x_t, t, x0_hat)
     mu = d_x0.q_posterior(x0_hat, x_t, t)[0]
+    v = d_v.predict_v(x0_hat, t, eps)
     means = [d.p_mean_variance(lambda x, t, o=o: o, x_t, t, clip_denoised=False)
-             for d, o in ((d_eps, eps), (d_x0, x0_hat), (d_mu, mu))]
+             for d, o in ((d_eps, eps), (d_x0, x0_hat), (d_mu, mu), (d_v, v))]
     for p in means[1:]:
         assert torch.allclose(p["mean"], means[0]["mean"], rtol=1e-8, atol=1e-10)
         assert torch.allclose(p["pred_x0"], x0_hat, rtol=1e-6, atol=1e-8)
@@ -204,20 +206,25 @@ COMBOS = list(itertools.product(MEAN_TYPES, VAR_TYPES, LOSS_TYPES))
 @pytest.mark.parametrize("mean_type,var_type,loss_type", COMBOS)
 def test_every_table2_combination_trains_and_samples(mean_type, var_type, loss_type):
     betas = make_beta_schedule("linear", 40)
-    if var_type == "learned" and loss_type == "simple":
+    learned = var_type in ("learned", "learned_range")
+    if learned and loss_type == "simple":
         with pytest.raises(ValueError, match="learned"):
+            GaussianDiffusion(betas, mean_type, var_type, loss_type)
+        return
+    if not learned and loss_type == "hybrid":
+        with pytest.raises(ValueError, match="hybrid"):
             GaussianDiffusion(betas, mean_type, var_type, loss_type)
         return
     d = GaussianDiffusion(betas, mean_type, var_type, loss_type)
     torch.manual_seed(0)
-    net = TinyNet(40, c_out=6 if var_type == "learned" else 3)
+    net = TinyNet(40, c_out=6 if learned else 3)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
     loss = d.training_losses(net, x0, generator=g)
     assert loss.shape == (8,) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
     loss.mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
-    if var_type == "learned":  # the variance channels receive gradient from the bound
+    if learned:  # the variance channels receive gradient from the bound
         assert net.conv.weight.grad[3:].abs().sum() > 0
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     opt.step()
