@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The training path's GPU check (one script, a single device session, < 8 minutes on an H100):
-#  1. throughput of the cifar10 recipe at batch 128 in fp32, tf32, bf16 and bf16 + compile
-#     (benchmarks/gpu_train_check.py), and that the loss falls;
+#  1. training throughput of the cifar10 recipe at batch 128 in fp32, tf32, bf16, bf16 + compile and
+#     bf16 + compile + CUDA graphs (benchmarks/bench.py, ours only), and that the loss falls;
 #  2. the CLI end to end on CUDA: train bf16 on a folder of images, stop, resume, sample a grid.
 # Usage: OUT=results_dir bash benchmarks/gpu_check.sh
 set -euo pipefail
@@ -11,7 +11,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
 
-python3 benchmarks/gpu_train_check.py --out "$OUT/gpu_train_check.json" 2>&1 | tee "$OUT/train_check.log"
+python3 benchmarks/bench.py --parts train --who ours --modes fp32,tf32,bf16,bf16+compile,bf16+compile+cudagraphs \
+  --out "$OUT/train_check.json" 2>&1 | tee "$OUT/train_check.log"
 
 # CLI: 256 generated 32x32 PNGs, train 40 steps, resume to 60, sample.
 DATA=$(mktemp -d)

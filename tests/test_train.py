@@ -204,20 +204,6 @@ def test_two_processes_with_half_batches_match_one_process(tmp_path, cifar_cache
                            .model.conv_in.weight)
 
 
-def test_gpu_train_check_runs_in_smoke_mode(tmp_path):
-    out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_train_check.py"), "--smoke",
-                          "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["config"] == "tiny" and report["device"] == "cpu"
-    modes = {r["mode"]: r for r in report["results"]}
-    assert set(modes) == {"fp32", "bf16"}
-    for r in modes.values():
-        assert r["steps_per_s"] > 0 and r["last_loss"] < r["first_loss"]
-    assert "steps/s" in res.stdout
-
-
 def test_missing_tensorboard_only_warns(tmp_path, monkeypatch):
     from ddpm_lib.train import MetricsLog
 
@@ -232,3 +218,26 @@ def test_missing_tensorboard_only_warns(tmp_path, monkeypatch):
 def test_keep_every_must_be_a_multiple_of_ckpt_every(tmp_path):
     with pytest.raises(ValueError, match="keep_every=7 must be a multiple of ckpt_every=5"):
         train(get_config("tiny"), tmp_path / "run", ckpt_every=5, keep_every=7, device="cpu")
+
+
+def test_compile_modes():
+    """compile=False/True/mode name; CUDA-graph modes refuse DDP; the CLI takes an optional mode."""
+    from ddpm_lib.cli import build_parser
+    from ddpm_lib.train import COMPILE_MODES, DistInfo, compile_mode
+
+    assert compile_mode(False) is None and compile_mode(True) == "default"
+    assert compile_mode("reduce-overhead") == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile='fast' is not valid"):
+        compile_mode("fast")
+    with pytest.raises(ValueError, match="not supported with several processes"):
+        build_training_state(tiny(2), torch.device("cpu"), compile="reduce-overhead",
+                             dist_info=DistInfo(rank=0, world_size=2, local_rank=0))
+    state = build_training_state(tiny(1), torch.device("cpu"), compile="reduce-overhead")
+    assert not state.cudagraphs  # CUDA graphs only on CUDA; on the CPU it is a plain compile
+    parse = build_parser().parse_args
+    assert parse(["train", "--config", "tiny", "--out", "x"]).compile is None
+    assert parse(["train", "--config", "tiny", "--out", "x", "--compile"]).compile == "default"
+    for mode in COMPILE_MODES:
+        assert parse(["train", "--config", "tiny", "--out", "x", "--compile", mode]).compile == mode
+    with pytest.raises(SystemExit):
+        parse(["train", "--config", "tiny", "--out", "x", "--compile", "fast"])
