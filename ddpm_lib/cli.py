@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per file of an unfinished job (what a rerun keeps)")
     s.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, tf32 (fp32 with TF32 matmuls on CUDA) or bf16 autocast")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (about 3x faster on a GPU; rounds differently from eager)")
     s.add_argument("--device", default=None, help="cuda, cuda:1, cpu … (default: cuda if available)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample, interrupted="finished chunks are kept; rerun the same command to continue")
@@ -209,7 +211,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     generate(loaded.model, loaded.diffusion, args.n, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
              eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
              out_path=args.out, chunk_size=args.chunk_size, progress=not args.no_progress,
-             class_labels=labels, guidance_scale=args.guidance_scale)
+             class_labels=labels, guidance_scale=args.guidance_scale, compile=args.compile)
     steps = args.steps or loaded.diffusion.num_timesteps
     how = "ddpm" if args.sampler == "ddpm" else f"ddim, {steps} steps, eta {args.eta:g}"
     if labels is not None:

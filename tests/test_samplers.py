@@ -230,3 +230,27 @@ def test_generate_in_bf16_is_close_to_fp32():
     b = generate(net, d, 2, sampler="ddim", steps=3, precision="bf16", progress=False)
     assert b.dtype == torch.uint8 and b.shape == a.shape
     assert (a.int() - b.int()).abs().float().mean() < 4  # 256 levels; bf16 keeps ~3 significant digits
+
+
+def test_generate_with_compile_matches_eager_and_records_it(tmp_path):
+    """``compile=True`` runs torch.compile'd kernels (here on the CPU): the same images up to rounding,
+    and the job of a file says so, so a rerun without it does not mix the two."""
+    import json
+
+    import numpy as np
+
+    d = GaussianDiffusion(make_beta_schedule("linear", 30))
+    net, shape = TinyNet(30), (3, 8, 8)
+    eager = generate(net, d, 3, sampler="ddim", steps=3, image_shape=shape, progress=False)
+    out = tmp_path / "s.npz"
+    compiled = generate(net, d, 3, sampler="ddim", steps=3, image_shape=shape, progress=False, compile=True,
+                        out_path=out)
+    assert (eager.int() - compiled.int()).abs().max() <= 1
+    job = json.loads(str(np.load(out)["job"]))
+    assert job["compile"] is True
+    # an unfinished compiled job, continued without compile: refused, naming the difference
+    partial = tmp_path / "t.npz.partial"
+    partial.mkdir()
+    (partial / "job.json").write_text(json.dumps(job))
+    with pytest.raises(ValueError, match="compile"):
+        generate(net, d, 3, sampler="ddim", steps=3, image_shape=shape, progress=False, out_path=tmp_path / "t.npz")
