@@ -592,6 +592,45 @@ def print_table(report: dict) -> None:
     print("(* projected from the timed steps; train: steps/s, sample: seconds for all images)")
 
 
+def markdown_tables(report: dict) -> str:
+    """The report as two Markdown tables (training; sampling), ours beside the peer, for README."""
+    res = [r for r in report["results"] if "error" not in r]
+    peer = {(r["part"], r["mode"], r.get("sampler")): r for r in res if r["who"] == "peer"}
+
+    def gib(r: dict | None) -> str:
+        return "–" if r is None or r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+
+    def mfu(r: dict) -> str:
+        return f"{r['achieved_tflops']:.0f}" + (f" ({r['mfu']:.0%})" if "mfu" in r else "")
+
+    where = report.get("gpu") or f"{report.get('cpu')} CPU, {report.get('threads')} threads"
+    batch = next((r["batch_size"] for r in res if r["part"] == "train"), 0)
+    lines = [f"{report['config']} on {where}, torch {report['torch']}, diffusers {report['diffusers']}, "
+             f"{report['date']}", "",
+             f"| training, batch {batch} | ours steps/s | peer steps/s | ours/peer | peak GiB ours / peer | "
+             "TFLOP/s (MFU) | 800k steps |", "|---|---|---|---|---|---|---|"]
+    for r in res:
+        if r["part"] == "train" and r["who"] == "ours":
+            p = peer.get(("train", r["mode"], None))
+            lines.append(f"| {r['mode']} | {r['steps_per_s']:.2f} | "
+                         + (f"{p['steps_per_s']:.2f} | {r['speedup_vs_peer']:.2f}× | " if p else "– | – | "))
+            lines[-1] += f"{gib(r)} / {gib(p)} | {mfu(r)} | {r['recipe_hours']:.1f} h |"
+    lines += ["", "| sampling | sampler | images | ours s | peer s | peer/ours | peak GiB ours / peer | "
+              "TFLOP/s (MFU) | 50k images |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res:
+        if r["part"] == "sample" and r["who"] == "ours":
+            p = peer.get(("sample", r["mode"], r["sampler"]))
+            star = "*" if r["projected"] else ""
+            name = f"{r['steps']}-step {'DDPM' if r['sampler'] == 'ddpm' else 'DDIM'}"
+            lines.append(f"| {r['mode']} | {name} | {r['images']} | {r['seconds']:.2f}{star} | "
+                         + (f"{p['seconds']:.2f}{'*' if p['projected'] else ''} | {r['speedup_vs_peer']:.2f}× | "
+                            if p else "– | – | ")
+                         + f"{gib(r)} / {gib(p)} | {mfu(r)} | {r['fid_50k_hours']:.2f} h |")
+    lines.append("")
+    lines.append("\\* projected from the steps timed (every step costs the same).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="cifar10")
@@ -614,8 +653,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", type=int, default=0, help="profile this many training steps per run")
     p.add_argument("--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--smoke", action="store_true", help="tiny config on CPU, a few steps: checks that it works")
-    p.add_argument("--out", type=Path, required=True, help="JSON report (rewritten after every measurement)")
+    p.add_argument("--out", type=Path, help="JSON report (rewritten after every measurement)")
+    p.add_argument("--markdown", type=Path, metavar="JSON", help="print the tables of an existing report and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown_tables(json.loads(args.markdown.read_text())))
+        return {}
+    if args.out is None:
+        p.error("--out is required")
     if args.smoke:
         args.config, args.device, args.batch_size, args.train_steps, args.train_warmup = "tiny", "cpu", 4, 4, 2
         args.sample_images, args.ddim_steps, args.lr_warmup, args.profile = 2, 5, 2, 2
