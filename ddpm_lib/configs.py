@@ -142,14 +142,29 @@ def get_config(name: str) -> Config:
     return CONFIGS[name]
 
 
+def _omitted(cfg: Config) -> set[tuple[str, str]]:
+    """Beyond-the-paper fields that ``config_to_dict`` leaves out because they change nothing: an
+    unconditional model's ``num_classes`` (None) and its ``label_drop`` at the default. The paper's
+    configs, and the checkpoints of unconditional runs, thus read as they did before these fields existed."""
+    if cfg.model.num_classes is not None:
+        return set()
+    out = {("model", "num_classes")}
+    if cfg.train.label_drop == TrainConfig.label_drop:
+        out.add(("train", "label_drop"))
+    return out
+
+
 def config_to_dict(cfg: Config) -> dict:
-    """A JSON-ready nested dict (tuples become lists)."""
-    def conv(obj):
+    """A JSON-ready nested dict (tuples become lists), without the fields of ``_omitted``
+    (``config_from_dict`` restores them from their defaults)."""
+    def conv(obj, section: str = ""):
         if hasattr(obj, "__dataclass_fields__"):
-            return {f.name: conv(getattr(obj, f.name)) for f in fields(obj)}
+            return {f.name: conv(getattr(obj, f.name), f.name) for f in fields(obj)
+                    if (section, f.name) not in skip}
         if isinstance(obj, tuple):
             return [conv(v) for v in obj]
         return obj
+    skip = _omitted(cfg)
     return conv(cfg)
 
 

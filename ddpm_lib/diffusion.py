@@ -27,7 +27,8 @@ Beyond the paper, three options from later work, each a choice of the same class
 * ``loss_type="hybrid"`` (their §3.1): L_hybrid = L_simple + λ L_vlb with λ = 0.001, where the L_vlb term
   sees the predicted mean through a stop-gradient, so L_simple alone trains the mean and L_vlb the
   variance. Per example the L_vlb estimate is T · L_t (one uniformly drawn term, in bits/dim, as the
-  ``"vlb"`` loss), which makes λ T L_t their code's ``mse + vb`` at T = 1000.
+  ``"vlb"`` loss), so λ T L_t is their code's ``mse + vb`` at T = 1000 (and its "rescaled" variant,
+  vb · T / 1000, at any T).
 * ``mean_type="v"`` (Salimans & Ho 2022, "Progressive Distillation", arXiv:2202.00512, §4): the network
   predicts v = √ᾱ_t ε − √(1 − ᾱ_t) x_0, from which x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v and
   ε = √(1 − ᾱ_t) x_t + √ᾱ_t v; L_simple is then ‖v − v_θ‖².

@@ -208,7 +208,10 @@ def test_improved_options_train_and_sample(tmp_path):
 def test_configs_round_trip_the_new_fields_and_old_configs_load_with_defaults():
     for cfg in (improved_tiny(), get_config("cifar10_cond"), get_config("digits_cond")):
         assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
-    old = config_to_dict(get_config("cifar10"))  # a config written before these fields existed
-    del old["model"]["num_classes"], old["train"]["label_drop"]
+    # The paper's configs are written as before these fields existed, and such old configs load.
+    old = config_to_dict(get_config("cifar10"))
+    assert "num_classes" not in old["model"] and "label_drop" not in old["train"]
     loaded = config_from_dict(old)
     assert loaded == get_config("cifar10") and loaded.model.num_classes is None
+    cond = config_to_dict(get_config("cifar10_cond"))  # a conditional config records both
+    assert cond["model"]["num_classes"] == 10 and cond["train"]["label_drop"] == 0.1
