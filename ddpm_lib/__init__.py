@@ -6,6 +6,7 @@ t = i + 1 (so index 0 is the decoder step t = 1, and index T − 1 is t = T).
 
 from .configs import Config, DiffusionConfig, ModelConfig, TrainConfig, get_config
 from .diffusion import GaussianDiffusion
+from .guidance import Guided
 from .pretrained import from_diffusers, load_pretrained
 from .samplers import ddim_sample_loop, generate
 from .schedules import make_beta_schedule
@@ -16,6 +17,7 @@ __all__ = [
     "Config",
     "DiffusionConfig",
     "GaussianDiffusion",
+    "Guided",
     "ModelConfig",
     "TrainConfig",
     "UNet",
