@@ -1,0 +1,128 @@
+"""ddpm_lib.beyond (the "Beyond DDPM" chapter's study): its measures, a whole run on a tiny budget, and the
+shipped results."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_lib import beyond
+
+
+def test_mmd_digits_is_near_zero_between_halves_of_one_set_and_grows_with_a_shift() -> None:
+    clf = beyond.train_classifier(beyond.Settings(clf_steps=50))
+    ref, _ = beyond.reference_digits()
+    perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))
+    halves = beyond.mmd_digits(clf, ref[perm[:148]], ref[perm[148:]])
+    darker = (ref.int() * 3 // 4).to(torch.uint8)
+    assert abs(halves) < 0.01 < beyond.mmd_digits(clf, darker[perm[:148]], ref[perm[148:]])
+
+
+def test_within_class_distance_is_zero_for_copies_and_the_rms_pixel_difference_otherwise() -> None:
+    images = torch.zeros(20, 1, 8, 8, dtype=torch.uint8)
+    labels = torch.arange(20) % 10
+    images[10:] = 255  # class k: one black and one white image, RMS difference 1 on the [0, 1] scale
+    assert beyond.within_class_distance(images, labels) == pytest.approx([1.0] * 10)
+    assert beyond.within_class_distance(torch.zeros_like(images), labels) == [0.0] * 10
+    assert math.isnan(beyond.within_class_distance(images[:5], labels[:5])[0])
+
+
+def test_pixels_accepts_both_layouts_and_refuses_floats() -> None:
+    nchw = torch.arange(64, dtype=torch.uint8).reshape(1, 1, 8, 8)
+    assert torch.equal(beyond.pixels(nchw), beyond.pixels(nchw.permute(0, 2, 3, 1)))
+    with pytest.raises(ValueError, match="uint8"):
+        beyond.pixels(nchw.float())
+
+
+def test_learned_variance_models_have_two_output_channels() -> None:
+    s = beyond.Settings()
+    x, t = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    assert beyond.make_model("fixed_large", s)(x, t).shape == (2, 1, 8, 8)
+    assert beyond.make_model("learned_range", s)(x, t).shape == (2, 2, 8, 8)
+
+
+def test_the_command_writes_every_part_and_is_deterministic(tmp_path) -> None:
+    args = ["--steps", "3", "--T", "25", "--n-bound", "4", "--n-samples", "6", "--n-long", "4",
+            "--ddim-steps", "2", "--no-ddpm", "--guidance-n", "20", "--guidance-steps", "2", "--clf-steps", "20"]
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path in paths:
+        assert beyond.main([*args, "--out", str(path)]) == 0
+    a, b = (json.loads(p.read_text(encoding="utf8")) for p in paths)
+    for part in beyond.PARTS:
+        a[part].pop("seconds"), b[part].pop("seconds")
+        for r in a[part].get("runs", []) + a[part].get("variants", []) + b[part].get("runs", []) + b[
+                part].get("variants", []):
+            r.pop("seconds")
+    assert a["sampling"] == b["sampling"] and a["guidance"] == b["guidance"] and a["likelihood"] == b["likelihood"]
+    assert [(r["sampler"], r["steps"], r["eta"]) for r in a["sampling"]["runs"]] == [("ddim", 2, 0.0), ("ddim", 2, 1.0)]
+    assert [r["w"] for r in a["guidance"]["runs"]] == [0.0, 0.5, 1.0, 2.0, 4.0]
+    assert all(len(r["predicted"]) == 20 for r in a["guidance"]["runs"])
+    fixed, learned = a["likelihood"]["variants"][:2]
+    assert set(fixed["bound"]) == {"fixed_large", "fixed_small"} and set(learned["bound"]) == {"learned_range"}
+    assert all(len(bd["per_t"]) == 25 and len(bd["per_example"]) == 4 for bd in fixed["bound"].values())
+    assert a["commands"]["likelihood"].startswith("python -m ddpm_lib.beyond --steps 3")
+
+
+def test_rerunning_one_part_keeps_the_others(tmp_path) -> None:
+    path = tmp_path / "r.json"
+    common = ["--steps", "2", "--T", "25", "--n-bound", "2", "--n-samples", "4", "--n-long", "4",
+              "--ddim-steps", "2", "--no-ddpm", "--guidance-n", "10", "--guidance-steps", "1",
+              "--clf-steps", "10", "--out", str(path)]
+    beyond.main([*common, "--parts", "likelihood"])
+    beyond.main([*common, "--parts", "sampling"])
+    result = json.loads(path.read_text(encoding="utf8"))
+    assert "likelihood" in result and "sampling" in result and "guidance" not in result
+
+
+# --------------------------------------------------------------------------- the shipped results
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict:
+    return beyond.load_results()
+
+
+def test_shipped_results_come_from_the_default_settings_and_the_shipped_weights(shipped) -> None:
+    # (a part rerun alone keeps the others: the settings must still be the defaults the whole file was made with)
+    assert shipped["settings"] == asdict(beyond.Settings())
+    for part in ("sampling", "guidance"):
+        assert shipped[part]["weights_sha256"] == beyond.file_sha256(beyond.WEIGHTS_DIR / shipped[part]["weights"])
+    assert set(beyond.PARTS) <= set(shipped)
+
+
+def test_shipped_sampling_rows_are_the_configured_samplers(shipped) -> None:
+    s = beyond.Settings()
+    runs = shipped["sampling"]["runs"]
+    assert [(r["sampler"], r["steps"], r["eta"]) for r in runs] == beyond.sampler_runs(s, shipped["sampling"]["T"])
+    for r in runs:
+        assert math.isfinite(r["mmd_digits"]) and 0 < r["mean_confidence"] <= 1
+        assert r["n"] == (s.n_long if r["steps"] >= shipped["sampling"]["T"] else s.n_samples)
+        assert len(r["images"]) == s.n_keep and all(len(img) == 64 for img in r["images"])
+
+
+def test_shipped_guidance_metrics_agree_with_the_stored_predictions(shipped) -> None:
+    s = beyond.Settings()
+    labels = np.arange(s.guidance_n) % 10
+    for r in shipped["guidance"]["runs"]:
+        assert len(r["predicted"]) == s.guidance_n
+        assert r["accuracy"] == pytest.approx(float((np.array(r["predicted"]) == labels).mean()))
+        assert r["diversity"] == pytest.approx(float(np.mean(r["diversity_per_class"])))
+
+
+def test_shipped_bounds_add_up(shipped) -> None:
+    s = beyond.Settings()
+    variants = shipped["likelihood"]["variants"]
+    assert [(v["schedule"], v["var_type"], v["loss_type"]) for v in variants] == [
+        (sched, var, loss) for _, sched, _, var, loss in beyond.VARIANTS]
+    for v in variants:
+        assert v["steps_done"] == s.steps and v["failure"] is None
+        for b in v["bound"].values():
+            assert len(b["per_example"]) == s.n_bound and len(b["per_t"]) == s.T
+            assert b["bpd"] == pytest.approx(float(np.mean(b["per_example"])), abs=1e-5)
+            assert b["bpd"] == pytest.approx(sum(b["per_t"]) + b["LT"], rel=1e-4)
+            assert b["L0"] + b["sum_Lt"] + b["LT"] == pytest.approx(b["bpd"], rel=1e-9)
