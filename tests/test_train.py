@@ -241,3 +241,18 @@ def test_compile_modes():
         assert parse(["train", "--config", "tiny", "--out", "x", "--compile", mode]).compile == mode
     with pytest.raises(SystemExit):
         parse(["train", "--config", "tiny", "--out", "x", "--compile", "fast"])
+
+
+def test_cuda_graph_training_marks_each_step(monkeypatch):
+    """With CUDA graphs, every step starts a new graph generation (else the previous step's outputs
+    could be overwritten while in use); without them nothing is marked."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    state = build_training_state(tiny(2), torch.device("cpu"))
+    images = torch.randint(0, 256, (state.cfg.train.batch_size, 3, 16, 16), dtype=torch.uint8)
+    train_step(state, images, 0)
+    assert calls == []
+    state.cudagraphs = True  # as build_training_state sets it for compile="reduce-overhead" on CUDA
+    train_step(state, images, 1)
+    train_step(state, images, 2)
+    assert calls == [1, 1]
