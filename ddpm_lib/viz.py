@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data import to_uint8
+
 STATIC_ENV_VAR = "DDPM_BOOK_STATIC"
 
 #: What a frame-rendering function may return: an image tensor/array (see ``to_uint8_image``)
@@ -64,7 +66,7 @@ def to_uint8_image(x: torch.Tensor | np.ndarray) -> np.ndarray:
         a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
     elif a.ndim != 2:
         raise ValueError(f"expected an image of 2, 3 or 4 dimensions, got shape {a.shape}")
-    return np.clip(np.rint((a + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return to_uint8(torch.from_numpy(a)).numpy()  # the same rounding as the samplers' output
 
 
 def figure_to_uint8(fig: Any) -> np.ndarray:
