@@ -252,6 +252,21 @@ def resize_images(images: Tensor, size: int) -> Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+NAMED_DATASETS = ("cifar10", "digits")
+
+
+def load_split(dataset: str, split: str = "train", cache_dir: str | os.PathLike | None = None,
+               download: bool = True) -> TensorImages:
+    """A dataset known by name (``NAMED_DATASETS``), ``train`` or ``test`` split: ``cifar10``
+    (downloaded by torchvision when ``download``) or ``digits`` (bundled with scikit-learn)."""
+    name = dataset.lower()
+    if name == "cifar10":
+        return load_cifar10(cache_dir, download, split)
+    if name == "digits":
+        return load_digits(split)
+    raise ValueError(f"dataset={dataset!r} is not a named dataset; choose one of {NAMED_DATASETS}")
+
+
 def make_dataset(dataset: str, image_size: int, channels: int = 3,
                  cache_dir: str | os.PathLike | None = None, download: bool = True):
     """The dataset named by ``TrainConfig.dataset``: ``"cifar10"``, ``"digits"`` or a folder of images.
@@ -261,16 +276,14 @@ def make_dataset(dataset: str, image_size: int, channels: int = 3,
     if not dataset:
         raise ValueError("no training data: set TrainConfig.dataset to 'cifar10', 'digits' "
                          "or pass a folder of images (--data DIR)")
-    if dataset.lower() == "cifar10":
-        if channels != 3:
-            raise ValueError(f"CIFAR10 has 3 channels, the model expects {channels}")
-        ds = load_cifar10(cache_dir, download=download)
-        return TensorImages(resize_images(ds.images, image_size), name="cifar10", labels=ds.labels)
-    if dataset.lower() == "digits":
-        if channels != 1 or image_size != 8:
-            raise ValueError(f"digits are 1×8×8; the model expects {channels}×{image_size}×{image_size}")
-        return load_digits("train")
-    return ImageFolder(dataset, image_size, channels)
+    if dataset.lower() not in NAMED_DATASETS:
+        return ImageFolder(dataset, image_size, channels)
+    if dataset.lower() == "cifar10" and channels != 3:
+        raise ValueError(f"CIFAR10 has 3 channels, the model expects {channels}")
+    if dataset.lower() == "digits" and (channels != 1 or image_size != 8):
+        raise ValueError(f"digits are 1×8×8; the model expects {channels}×{image_size}×{image_size}")
+    ds = load_split(dataset, "train", cache_dir, download)
+    return TensorImages(resize_images(ds.images, image_size), name=ds.name, labels=ds.labels)
 
 
 # --------------------------------------------------------------------------- order

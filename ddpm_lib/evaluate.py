@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .data import ImageFolder, TensorImages, load_digits, resize_images, to_model_range
+from .data import NAMED_DATASETS, ImageFolder, TensorImages, load_split, resize_images, to_model_range
 from .diffusion import GaussianDiffusion, Model, model_device
 
 PAPER_N_SAMPLES = 50_000
@@ -215,11 +215,9 @@ def bound_images(data: str, split: str, image_size: int, channels: int,
                  cache_dir: str | os.PathLike | None = None, download: bool = True) -> TensorImages:
     """The images whose NLL bound is measured: ``cifar10`` or ``digits`` (``split`` train/test), a
     samples-style ``.npz``/``.npy`` file, or a folder of images; resized to the model's size."""
-    if data == "cifar10":
-        ds = M.load_split("cifar10", split, cache_dir, download)
-        return TensorImages(resize_images(ds.images, image_size), name=f"cifar10-{split}")
-    if data == "digits":
-        return load_digits(split)
+    if data in NAMED_DATASETS:
+        ds = load_split(data, split, cache_dir, download)
+        return TensorImages(resize_images(ds.images, image_size), name=f"{data}-{split}", labels=ds.labels)
     if Path(data).suffix in (".npz", ".npy"):
         x = M.as_nchw(load_samples(data))[:, :channels]
         return TensorImages(resize_images(x, image_size), name=str(data))
@@ -319,7 +317,7 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
         npz = bound.save(Path(out_json).with_suffix(".bound.npz"))
         report["checkpoint"] = {"path": str(checkpoint), "config": loaded.config.name, "step": loaded.step,
                                 "T": loaded.diffusion.num_timesteps}
-        report["bound"] = {"data": ds.name, "split": split if data in ("cifar10", "digits") else None,
+        report["bound"] = {"data": ds.name, "split": split if data in NAMED_DATASETS else None,
                            "seed": seed, "npz": str(npz), **bound.summary(),
                            "about": "the bound L of eq. 5 in bits/dim (Table 1's NLL; the paper: ≤ 3.75 on "
                                     "CIFAR10 test), one x_t draw per image and t; nll_sem is the standard "

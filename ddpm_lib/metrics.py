@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import TensorImages, default_cache_dir, load_cifar10, load_digits
+from .data import default_cache_dir, load_split
 from .precision import fp32_precision
 
 # --------------------------------------------------------------------------- the metrics themselves
@@ -237,16 +237,6 @@ def extract(images: np.ndarray | Tensor, extractor: FeatureExtractor, batch_size
 
 
 # --------------------------------------------------------------------------- reference statistics
-
-def load_split(dataset: str, split: str, cache_dir: str | os.PathLike | None = None,
-               download: bool = True) -> TensorImages:
-    """A named reference split: ``cifar10`` or ``digits``, ``train`` or ``test``."""
-    if dataset == "cifar10":
-        return load_cifar10(cache_dir, download, split)
-    if dataset == "digits":
-        return load_digits(split)
-    raise ValueError(f"dataset={dataset!r} has no reference split; choose 'cifar10' or 'digits'")
-
 
 @dataclass
 class ReferenceStats:
