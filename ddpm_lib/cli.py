@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, tf32 (fp32 with TF32 matmuls on CUDA) or bf16 autocast")
     s.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (about 3x faster on a GPU; rounds differently from eager)")
+                   help="torch.compile the network (3x faster in benchmarks/bench.py's sampling loop on an "
+                        "H200; rounds differently from eager)")
     s.add_argument("--device", default=None, help="cuda, cuda:1, cpu … (default: cuda if available)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample, interrupted="finished chunks are kept; rerun the same command to continue")
@@ -183,6 +184,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         data = str(args.data.resolve())
     cfg = run_config(args.out, args.config, resume=args.resume, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, dataset=data, label_drop=args.label_drop)
+    if args.label_drop is not None and cfg.model.num_classes is None:
+        raise ValueError(f"--label-drop is for class-conditional configs (e.g. cifar10_cond); {cfg.name!r} "
+                         "is unconditional")
     summary = train(cfg, args.out, resume=args.resume, device=args.device, precision=args.precision,
                     compile=args.compile or False, log_every=args.log_every, ckpt_every=args.ckpt_every,
                     keep_every=args.keep_every, sample_every=args.sample_every, num_samples=args.num_samples,

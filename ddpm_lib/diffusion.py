@@ -163,6 +163,7 @@ class GaussianDiffusion:
             # fixed variances of p_θ; index 0 takes β̃_2 (see the module docstring)
             "log_var_fixed_large": torch.log(torch.cat([beta_tilde[1:2], betas[1:]])),
             "log_var_fixed_small": log_beta_tilde,
+            "log_betas": torch.log(betas),  # the upper end of learned_range at every index, 0 included
         }
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
 
@@ -302,11 +303,13 @@ class GaussianDiffusion:
     def learned_range_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Nichol & Dhariwal 2021, eq. 15: log Σ_θ = frac · log β_t + (1 − frac) · log β̃_t, frac = (v + 1) / 2.
 
-        v = 1 gives ``fixed_large`` and v = −1 ``fixed_small`` exactly (index 0: log β̃_2 for both, as for
-        the fixed variances). v outside [−1, 1] extrapolates, as in their code.
+        v = −1 gives ``fixed_small`` exactly. v = 1 gives log β_t at every index, as in their code, so it
+        equals ``fixed_large`` except at index 0: there ``fixed_large`` follows the DDPM code (log β̃_2),
+        while the learned range spans [β̃_2, β_1] and the decoder's variance stays learnable. v outside
+        [−1, 1] extrapolates, as in their code.
         """
         frac = (v + 1) / 2
-        return (frac * self._extract("log_var_fixed_large", t, v)
+        return (frac * self._extract("log_betas", t, v)
                 + (1 - frac) * self._extract("log_var_fixed_small", t, v))
 
     def p_mean_variance_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,

@@ -15,6 +15,7 @@ Time indices are 0-based (index i is the paper's t = i + 1), as everywhere in ``
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -130,18 +131,24 @@ class BoundResult:
 
 def dataset_nll(model: Model, diffusion: GaussianDiffusion, images: TensorImages | Tensor | np.ndarray, *,
              batch_size: int = 100, seed: int = 0, device: str | torch.device | None = None,
-             clip_denoised: bool = True, max_images: int | None = None, progress: bool = False) -> BoundResult:
+             clip_denoised: bool = True, max_images: int | None = None, progress: bool = False,
+             labels: Tensor | None = None) -> BoundResult:
     """Table 1's NLL: the full bound (eq. 5, ``GaussianDiffusion.vlb_bpd``) in bits/dim over uint8
     images [N, C, H, W], one draw of x_t ~ q(x_t | x_0) per image and t (T network calls per batch).
 
     The noise comes from one CPU generator seeded with ``seed``: the same images, batch size and
-    seed give the same numbers on any device. ``max_images`` keeps the first images only.
+    seed give the same numbers on any device. ``max_images`` keeps the first images only. With
+    ``labels`` [N] a class-conditional network gets image i's class (``model(x, t, y=…)``): the bound
+    is then on −log p(x | y); without, such a network sees the null label (its unconditional half).
     """
     x = images.images if isinstance(images, TensorImages) else torch.as_tensor(images)
     if x.dtype != torch.uint8 or x.ndim != 4:
         raise ValueError(f"images must be uint8 [N, C, H, W], got {x.dtype} {list(x.shape)}")
+    if labels is not None and tuple(labels.shape) != (x.shape[0],):
+        raise ValueError(f"labels must have shape [{x.shape[0]}] (one per image), got {list(labels.shape)}")
     if max_images is not None:
         x = x[:max_images]
+        labels = labels[:max_images] if labels is not None else None
     device = torch.device(device) if device is not None else model_device(model)
     g = torch.Generator().manual_seed(seed)
     total, prior, terms, mse = [], [], 0.0, 0.0
@@ -151,7 +158,8 @@ def dataset_nll(model: Model, diffusion: GaussianDiffusion, images: TensorImages
         starts = tqdm(starts, desc="test NLL (batches)")
     for s in starts:
         x0 = to_model_range(x[s:s + batch_size]).to(device)
-        r = diffusion.vlb_bpd(model, x0, clip_denoised=clip_denoised, generator=g)
+        net = model if labels is None else functools.partial(model, y=labels[s:s + batch_size].to(device))
+        r = diffusion.vlb_bpd(net, x0, clip_denoised=clip_denoised, generator=g)
         total.append(r["total"].cpu().numpy())
         prior.append(r["prior"].cpu().numpy())
         terms = terms + r["terms"].sum(0).cpu().numpy()
@@ -312,13 +320,17 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
         mc = loaded.config.model
         data = data if data is not None else loaded.config.train.dataset
         ds = bound_images(data, split, mc.image_size, mc.in_channels, cache_dir, download)
+        labels = ds.labels if mc.num_classes is not None else None
         bound = dataset_nll(loaded.model, loaded.diffusion, ds, batch_size=batch_size, seed=seed, device=dev,
-                         max_images=max_images, progress=progress)
+                            max_images=max_images, progress=progress, labels=labels)
         npz = bound.save(Path(out_json).with_suffix(".bound.npz"))
         report["checkpoint"] = {"path": str(checkpoint), "config": loaded.config.name, "step": loaded.step,
                                 "T": loaded.diffusion.num_timesteps}
+        conditioning = (None if mc.num_classes is None else "the images' class labels: a bound on -log p(x | y)"
+                        if labels is not None else "the null label (the model's unconditional half): the data "
+                        "has no labels")
         report["bound"] = {"data": ds.name, "split": split if data in NAMED_DATASETS else None,
-                           "seed": seed, "npz": str(npz), **bound.summary(),
+                           "seed": seed, "npz": str(npz), "conditioning": conditioning, **bound.summary(),
                            "about": "the bound L of eq. 5 in bits/dim (Table 1's NLL; the paper: ≤ 3.75 on "
                                     "CIFAR10 test), one x_t draw per image and t; nll_sem is the standard "
                                     "error over images; terms_bpd[i] is L_0 at i = 0 and L_{t-1} at "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -217,6 +218,38 @@ def test_conditional_run_resumes_bit_for_bit_and_samples_from_the_cli(tmp_path, 
     assert cli_main(["sample", "--checkpoint", str(tmp_path / "full"), "--n", "3", "--sampler", "ddim",
                      "--steps", "5", "--class-label", "3,7", "--out", str(tmp_path / "list.png"),
                      "--no-progress"]) == 0
+    # and its bound is on −log p(x | y): the held-out digits' labels reach the network
+    report = tmp_path / "bound.json"
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "full"), "--metrics", "nll", "--max-images", "2",
+                     "--out", str(report)]) == 0
+    assert "class labels" in json.loads(report.read_text())["bound"]["conditioning"]
+
+
+def test_label_drop_reaches_training():
+    """label_drop = 1 trains only the null label's embedding row; label_drop = 0 never touches it."""
+    ds = load_digits("train")
+    images, labels = ds.images[:16], ds.labels[:16]
+    for p, changed_rows in ((1.0, {10}), (0.0, set(labels.tolist()))):
+        state = build_training_state(small_digits_cond(3, label_drop=p), torch.device("cpu"))
+        before = state.model.label_embed.weight.detach().clone()
+        for step in range(3):  # the zero-initialized output layers pass no gradient back in the first two
+            train_step(state, images, step, labels)
+        moved = (state.model.label_embed.weight != before).any(dim=1)
+        assert set(torch.nonzero(moved).flatten().tolist()) == changed_rows, p
+
+
+def test_bound_with_labels_differs_from_the_null_label():
+    from ddpm_lib.evaluate import dataset_nll
+
+    net, d = cond_unet(), GaussianDiffusion(make_beta_schedule("linear", 50))
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2])
+    with pytest.raises(ValueError, match="one per image"):
+        dataset_nll(net, d, images, labels=labels[:1])
+    with torch.no_grad():
+        given = dataset_nll(net, d, images, labels=labels).total
+        null = dataset_nll(net, d, images).total
+    assert np.isfinite(given).all() and not np.allclose(given, null)
 
 
 def test_sample_cli_refuses_labels_for_an_unconditional_checkpoint(tmp_path, capsys):
@@ -229,6 +262,9 @@ def test_sample_cli_refuses_labels_for_an_unconditional_checkpoint(tmp_path, cap
     with pytest.raises(SystemExit):
         cli_main(["sample", "--checkpoint", "x", "--class-label", "seven"])
     assert "comma list" in capsys.readouterr().err
+    assert cli_main(["train", "--config", "tiny", "--out", str(tmp_path / "run"), "--label-drop", "0.2"]) == 1
+    assert "--label-drop is for class-conditional configs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- the shipped book model

@@ -232,7 +232,7 @@ def test_generate_in_bf16_is_close_to_fp32():
     assert (a.int() - b.int()).abs().float().mean() < 4  # 256 levels; bf16 keeps ~3 significant digits
 
 
-def test_generate_with_compile_matches_eager_and_records_it(tmp_path):
+def test_generate_with_compile_matches_eager_and_records_it(tmp_path, monkeypatch):
     """``compile=True`` runs torch.compile'd kernels (here on the CPU): the same images up to rounding,
     and the job of a file says so, so a rerun without it does not mix the two."""
     import json
@@ -242,9 +242,12 @@ def test_generate_with_compile_matches_eager_and_records_it(tmp_path):
     d = GaussianDiffusion(make_beta_schedule("linear", 30))
     net, shape = TinyNet(30), (3, 8, 8)
     eager = generate(net, d, 3, sampler="ddim", steps=3, image_shape=shape, progress=False)
+    compiled_what, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_what.append(m) or real_compile(m, **kw))
     out = tmp_path / "s.npz"
     compiled = generate(net, d, 3, sampler="ddim", steps=3, image_shape=shape, progress=False, compile=True,
                         out_path=out)
+    assert compiled_what == [net]  # the network itself went through torch.compile, once
     assert (eager.int() - compiled.int()).abs().max() <= 1
     job = json.loads(str(np.load(out)["job"]))
     assert job["compile"] is True
