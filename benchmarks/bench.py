@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpm_lib.configs import Config, ModelConfig, get_config  # noqa: E402
 from ddpm_lib.diffusion import GaussianDiffusion  # noqa: E402
 from ddpm_lib.precision import Autocast, check_precision, set_fp32_precision  # noqa: E402
+from ddpm_lib.pretrained import diffusers_config  # noqa: E402
 from ddpm_lib.samplers import sample_loop  # noqa: E402
 from ddpm_lib.train import build_training_state, learning_rate, resolve_device, train_step  # noqa: E402
 from ddpm_lib.unet import UNet  # noqa: E402
@@ -76,30 +77,10 @@ PEAK_TFLOPS = {  # the first name found in the GPU's name wins
 # --------------------------------------------------------------------------- the peer
 
 
-def peer_unet_kwargs(mc: ModelConfig) -> dict:
-    """diffusers ``UNet2DModel`` keyword arguments for the network of ``mc`` (the paper's family).
-
-    The inverse of ``ddpm_lib.pretrained``'s reading of a diffusers config: the same blocks, group
-    norm ε = 1e-6, sin-then-cos embedding with ω_i = 10000^(−i/(h−1)), TF "SAME" downsampling.
-    """
-    levels = len(mc.ch_mult)
-    res = [mc.image_size // 2**i for i in range(levels)]
-    attn = [r in mc.attn_resolutions for r in res]
-    return dict(
-        sample_size=mc.image_size, in_channels=mc.in_channels, out_channels=mc.out_channels,
-        block_out_channels=tuple(mc.ch * m for m in mc.ch_mult), layers_per_block=mc.num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=None, norm_num_groups=mc.num_groups, norm_eps=1e-6, flip_sin_to_cos=False,
-        freq_shift=1, downsample_padding=0, act_fn="silu", time_embedding_type="positional",
-        dropout=mc.dropout,
-    )
-
-
 def build_peer(mc: ModelConfig) -> nn.Module:
     import diffusers
 
-    return diffusers.UNet2DModel(**peer_unet_kwargs(mc))
+    return diffusers.UNet2DModel(**diffusers_config(mc))
 
 
 class PeerDenoiser(nn.Module):

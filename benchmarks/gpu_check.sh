@@ -17,13 +17,12 @@ python3 benchmarks/bench.py --parts train --who ours --modes fp32,tf32,bf16,bf16
 # CLI: 256 generated 32x32 PNGs, train 40 steps, resume to 60, sample.
 DATA=$(mktemp -d)
 python3 - "$DATA" <<'PY'
-import sys, torch
-from torchvision.utils import save_image
-g = torch.Generator().manual_seed(0)
-low = torch.rand(256, 3, 4, 4, generator=g)
-imgs = torch.nn.functional.interpolate(low, size=(32, 32), mode="bicubic").clamp(0, 1)
-for i, im in enumerate(imgs):
-    save_image(im, f"{sys.argv[1]}/img{i:03d}.png")
+import sys
+from PIL import Image
+sys.path.insert(0, "benchmarks")
+from bench import smooth_images  # the benchmark's synthetic images
+for i, im in enumerate(smooth_images(256, 3, 32, "cpu")):
+    Image.fromarray(im.permute(1, 2, 0).numpy()).save(f"{sys.argv[1]}/img{i:03d}.png")
 PY
 RUN=$(mktemp -d)/run
 {

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .configs import ModelConfig
-from .unet import UNet
+from .unet import GROUP_NORM_EPS, UNet
 
 # Hub models in the paper's architecture, with the dropout rate the paper trained them with
 # (App. B: 0.1 on CIFAR10, 0 elsewhere; diffusers' saved configs do not record it reliably).
@@ -130,14 +130,11 @@ def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _config_mismatches(config: dict, cfg: ModelConfig) -> list[str]:
-    """Where a diffusers UNet2DModel config departs from the paper's network or from the weights."""
-    bad = [f"{k}={config[k]!r} (need {v!r})" for k, v in _REQUIRED.items() if k in config and config[k] != v]
-    if "norm_eps" in config and not math.isclose(config["norm_eps"], 1e-6):
-        bad.append(f"norm_eps={config['norm_eps']!r} (need 1e-06)")
+def _architecture(cfg: ModelConfig) -> dict:
+    """The diffusers UNet2DModel settings that the weights of ``cfg``'s network determine."""
     chs = [cfg.ch * m for m in cfg.ch_mult]
     attn = [cfg.image_size // 2**i in cfg.attn_resolutions for i in range(len(chs))]
-    want = {
+    return {
         "block_out_channels": chs,
         "layers_per_block": cfg.num_res_blocks,
         "in_channels": cfg.in_channels,
@@ -145,16 +142,34 @@ def _config_mismatches(config: dict, cfg: ModelConfig) -> list[str]:
         "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
     }
+
+
+def diffusers_config(cfg: ModelConfig) -> dict:
+    """diffusers ``UNet2DModel`` keyword arguments for the network of ``cfg``: the inverse of
+    ``from_diffusers``'s reading (the same blocks, group norm ε = 1e-6, sin-then-cos embedding with
+    ω_i = 10000^(−i/(h−1)), TF "SAME" downsampling, one attention head). Unconditional networks only."""
+    if cfg.num_classes is not None:
+        raise ValueError("diffusers_config describes the paper's unconditional network; num_classes is set")
+    return {**_REQUIRED, **_architecture(cfg), "sample_size": cfg.image_size, "norm_num_groups": cfg.num_groups,
+            "norm_eps": GROUP_NORM_EPS, "attention_head_dim": None, "dropout": cfg.dropout}
+
+
+def _config_mismatches(config: dict, cfg: ModelConfig) -> list[str]:
+    """Where a diffusers UNet2DModel config departs from the paper's network or from the weights."""
+    bad = [f"{k}={config[k]!r} (need {v!r})" for k, v in _REQUIRED.items() if k in config and config[k] != v]
+    if "norm_eps" in config and not math.isclose(config["norm_eps"], GROUP_NORM_EPS):
+        bad.append(f"norm_eps={config['norm_eps']!r} (need 1e-06)")
     bad += [
         f"{k}={config[k]!r} (the weights have {v!r})"
-        for k, v in want.items() if k in config and _as_list(config[k]) != v
+        for k, v in _architecture(cfg).items() if k in config and _as_list(config[k]) != v
     ]
+    chs, attn_res = [cfg.ch * m for m in cfg.ch_mult], cfg.attn_resolutions
     if config.get("time_embedding_dim") not in (None, 4 * cfg.ch):
         bad.append(f"time_embedding_dim={config['time_embedding_dim']!r} (need {4 * cfg.ch})")
     if config.get("attn_norm_num_groups") not in (None, cfg.num_groups):
         bad.append(f"attn_norm_num_groups={config['attn_norm_num_groups']!r} (need {cfg.num_groups})")
     head_dim = config.get("attention_head_dim")
-    attn_chs = {c for c, a in zip(chs, attn, strict=True) if a} | {chs[-1]}
+    attn_chs = {c for i, c in enumerate(chs) if cfg.image_size // 2**i in attn_res} | {chs[-1]}
     if head_dim is not None and {head_dim} != attn_chs:
         bad.append(f"attention_head_dim={head_dim!r} (the paper uses one head: None or {sorted(attn_chs)})")
     return bad

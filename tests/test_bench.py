@@ -33,7 +33,7 @@ def bench():
 
 @pytest.mark.parametrize("name", ["cifar10", "tiny", "digits"])
 def test_the_peer_is_the_same_network(bench, name):
-    """diffusers' UNet2DModel built from ``peer_unet_kwargs`` has our parameter count, and with its
+    """diffusers' UNet2DModel built from ``pretrained.diffusers_config`` has our parameter count, and with its
     weights converted to our UNet gives the same output: the comparison is like for like."""
     mc = get_config(name).model
     ours_params = sum(p.numel() for p in UNet.from_config(mc).parameters())
