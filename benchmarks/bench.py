@@ -10,11 +10,11 @@ checked), this script measures on the same device, inputs and settings:
   ``train_unconditional`` example takes (``DDPMScheduler.add_noise``, MSE on ε, ``EMAModel``).
   Both get the same precision, memory format (channels_last on CUDA), fused Adam and compile.
 * **sample**: 256 images by 1000-step ancestral sampling (Algorithm 2) and by 50-step DDIM (η = 0):
-  seconds and peak memory. Ours is ``GaussianDiffusion.p_sample_loop`` / ``samplers.sample_loop``;
+  seconds and peak memory. Ours is ``samplers.sample_loop``;
   the peer's is diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` loop (what ``DDPMPipeline`` runs),
   fed the same β schedule. Where ``sample_steps_timed`` is below the number of steps, that many
   steps are timed and the total is projected (every step costs the same); the JSON marks it.
-  On CUDA with compile, also with the network captured in a CUDA graph (``ddpm_lib.graphs``).
+  On CUDA with compile, also with the network captured in a CUDA graph (``CUDAGraphDenoiser`` below).
 * **flops**: FLOPs per image of the forward pass and of forward + backward, counted by
   ``torch.utils.flop_counter`` on the meta device; with them the model FLOP utilisation (MFU)
   against the GPU's dense peak, and the projected time of the 800k-step recipe and of 50k samples,
@@ -53,12 +53,13 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ddpm_lib.base import resolve_device  # noqa: E402
 from ddpm_lib.configs import Config, ModelConfig, get_config  # noqa: E402
 from ddpm_lib.diffusion import GaussianDiffusion  # noqa: E402
 from ddpm_lib.precision import Autocast, check_precision, set_fp32_precision  # noqa: E402
 from ddpm_lib.pretrained import diffusers_config  # noqa: E402
-from ddpm_lib.samplers import sample_loop  # noqa: E402
-from ddpm_lib.train import build_training_state, learning_rate, resolve_device, train_step  # noqa: E402
+from ddpm_lib.samplers import ddim_timesteps, sample_loop  # noqa: E402
+from ddpm_lib.train import build_training_state, learning_rate, train_step  # noqa: E402
 from ddpm_lib.unet import UNet  # noqa: E402
 
 PAPER = {"device": "TPU v3-8", "train_steps_per_s": 21.0, "sample_256_images_s": 17.0,
@@ -281,6 +282,7 @@ def bench_train(who: str, cfg: Config, device: torch.device, mode: str, steps: i
     b = cfg.train.batch_size
     if who == "ours":
         how = "reduce-overhead" if m.cudagraphs else compile  # the library's own CUDA-graph option
+        set_fp32_precision(device, precision)  # what train() sets for its run (precision.training_backends)
         state = build_training_state(cfg, device, precision=precision, compile=False if m.nchw else how)
         if m.nchw:  # a variant for comparison only: the library always uses channels_last on CUDA
             if m.cudagraphs:
@@ -442,9 +444,8 @@ def ours_sampler(model: nn.Module, diffusion: GaussianDiffusion, kind: str, step
     """(run(x_T, generator, k) → x after the first k of the sampler's steps, total step count)."""
     if kind == "ddpm":
         def run(x_T: Tensor, gen: torch.Generator, k: int) -> Tensor:
-            return diffusion.p_sample_loop(model, x_T.shape, generator=gen, x_T=x_T, t_start=k - 1, device=x_T.device)
+            return sample_loop(diffusion, model, x_T.shape, generator=gen, x_T=x_T, t_start=k - 1, device=x_T.device)
         return run, diffusion.num_timesteps
-    from ddpm_lib.samplers import ddim_timesteps
 
     tau = ddim_timesteps(diffusion.num_timesteps, steps)
 
@@ -659,6 +660,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.train_warmup < args.train_steps:
         p.error(f"--train-warmup={args.train_warmup} must be in (0, --train-steps={args.train_steps})")
     device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as a training run sets it, for both networks
     cuda = device.type == "cuda"
     # On CUDA the headline mode first, so that a run cut short still has it.
     modes = (args.modes or ("bf16+compile,bf16,fp32" if cuda else "fp32,bf16")).split(",")

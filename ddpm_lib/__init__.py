@@ -6,11 +6,13 @@ t = i + 1 (so index 0 is the decoder step t = 1, and index T − 1 is t = T).
 
 from .configs import Config, DiffusionConfig, ModelConfig, TrainConfig, get_config
 from .diffusion import GaussianDiffusion
+from .generation import generate, sample_images
 from .guidance import Guided
+from .loading import load_book_model, load_for_sampling
 from .pretrained import from_diffusers, load_pretrained
-from .samplers import ddim_sample_loop, generate
+from .samplers import ddim_sample_loop, sample_loop
 from .schedules import make_beta_schedule
-from .train import load_for_sampling, sample_images, train
+from .train import train
 from .unet import UNet
 
 __all__ = [
@@ -25,10 +27,12 @@ __all__ = [
     "from_diffusers",
     "generate",
     "get_config",
+    "load_book_model",
     "load_pretrained",
     "load_for_sampling",
     "make_beta_schedule",
     "sample_images",
+    "sample_loop",
     "train",
 ]
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ keyed by parameter *name*, not position. Everything else rides as JSON strings i
 header's metadata: ``format`` (always ``"ddpm_lib"``), ``kind`` (``"train"`` or ``"ema"``),
 ``version``, ``step``, ``config`` and ``optimizer`` (param groups: lr, betas, eps, …).
 No random-number-generator state is stored: training draws every random number from a
-generator seeded by (seed, step, rank) (``data.derive_seed``), so the step *is* the RNG state.
+generator seeded by (seed, step, rank) (``rng.derive_seed``), so the step *is* the RNG state.
 
 Files are written atomically: to a temporary file in the same folder, flushed and fsync'ed, then
 ``os.replace``'d over the old one, so a crash mid-write leaves the previous checkpoint readable.

@@ -1,8 +1,9 @@
 """Command line: ``python -m ddpm_lib train | sample | eval …`` (or ``ddpm-lib …``).
 
-A thin layer over the library: ``train`` calls ``train.run_config`` and ``train.train``;
-``sample`` calls ``train.load_for_sampling`` and ``samplers.generate``; ``eval`` calls
-``evaluate.run_eval``.
+A thin layer over the library: ``train`` calls ``runs.resolve_run_config`` and ``train.train``;
+``sample`` calls ``loading.load_for_sampling`` and ``generation.generate``; ``eval`` calls
+``evaluate.run_eval``. Arguments are parsed here; whether they make sense together is checked by the
+library, whose ValueError the CLI prints as one line.
 Examples::
 
     python -m ddpm_lib train --config cifar10 --out runs/cifar10            # the paper's recipe, 800k steps
@@ -22,7 +23,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .configs import CONFIGS
+from .evaluate import METRICS, run_eval
+from .generation import generate
+from .jobs import OUTPUT_SUFFIXES
+from .loading import load_for_sampling
+from .precision import PRECISIONS
+from .runlog import NonFiniteLossError
+from .runs import resolve_run_config
+from .samplers import SAMPLERS, SPACINGS
+from .train import COMPILE_MODES, train
 
 
 def _int_at_least(minimum: int):
@@ -72,13 +83,15 @@ def _class_labels(text: str) -> int | str | list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .precision import PRECISIONS
-    from .samplers import SAMPLERS, SPACINGS
-    from .train import COMPILE_MODES
-
     parser = argparse.ArgumentParser(prog="ddpm-lib", description="DDPM (Ho et al. 2020): train and sample.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_eval(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a model (Algorithm 1)",
                        description="Train with Algorithm 1. --steps is the run's total number of steps.")
     t.add_argument("--config", choices=sorted(CONFIGS), help="named config (required unless --resume)")
@@ -109,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
+
+def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="sample images from the EMA weights (Algorithm 2 or DDIM)",
                        description="Sample with Algorithm 2 (ddpm) or DDIM into a .npz (uint8 images [N, H, W, C] "
                                    "under 'images', and a grid of the first 64 beside it) or a .png grid. Image i "
@@ -145,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample, interrupted="finished chunks are kept; rerun the same command to continue")
 
-    from .evaluate import METRICS
 
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="FID / IS of samples; NLL (bits/dim) and rate-distortion of a checkpoint",
                        description="Evaluate as the paper did (§4): FID against CIFAR10's training set (and its "
                                    "test set) and IS, through torch-fidelity's TF-Inception replica (weights "
@@ -169,12 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.add_argument("--out", type=Path, required=True, help="JSON report to write")
     e.set_defaults(func=cmd_eval)
-    return parser
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import run_config, train
-
     if args.config is None and not args.resume:
         raise ValueError("--config is required for a new run (or pass --resume to continue one)")
     data = None
@@ -182,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if not args.data.is_dir():
             raise FileNotFoundError(f"--data {args.data}: no such folder")
         data = str(args.data.resolve())
-    cfg = run_config(args.out, args.config, resume=args.resume, steps=args.steps, batch_size=args.batch_size,
+    cfg = resolve_run_config(args.out, args.config, resume=args.resume, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, dataset=data, label_drop=args.label_drop)
     if args.label_drop is not None and cfg.model.num_classes is None:
         raise ValueError(f"--label-drop is for class-conditional configs (e.g. cifar10_cond); {cfg.name!r} "
@@ -196,19 +208,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .samplers import OUTPUT_SUFFIXES, generate
-    from .train import load_for_sampling
-
     if args.out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ValueError(f"--out {args.out}: the suffix must be .npz (images) or .png (a grid)")
     loaded = load_for_sampling(args.checkpoint, args.device)
-    num_classes = loaded.config.model.num_classes
-    labels = args.class_label
-    if num_classes is None and (labels is not None or args.guidance_scale):
-        raise ValueError(f"--class-label and --guidance-scale need a class-conditional checkpoint; "
-                         f"{args.checkpoint} ({loaded.config.name!r}) is unconditional")
-    if args.guidance_scale and labels is None:
-        raise ValueError("--guidance-scale needs --class-label (guidance steers towards a class)")
+    labels = args.class_label  # generate() checks them, and the guidance scale, against the model
     if isinstance(labels, list):
         labels = [labels[i % len(labels)] for i in range(args.n)]
     device = next(loaded.model.parameters()).device
@@ -227,8 +230,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from .evaluate import run_eval
-
     if args.samples is None and args.checkpoint is None:
         raise ValueError("give --samples and/or --checkpoint")
     report = run_eval(args.out, samples=args.samples, checkpoint=args.checkpoint, metrics=args.metrics,
@@ -245,9 +246,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ddpm-lib`` / ``python -m ddpm_lib``; returns the exit status."""
-    from .checkpoint import CheckpointError
-    from .train import NonFiniteLossError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

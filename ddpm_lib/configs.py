@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-LEARNED_VAR_TYPES = ("learned", "learned_range")  # the network outputs 2C channels: mean part, then variance
+from .diffusion import LEARNED_VAR_TYPES, GaussianDiffusion
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        from .diffusion import GaussianDiffusion
-
         d, m = self.diffusion, self.model
         GaussianDiffusion.from_config(d)  # raises ValueError naming a bad schedule/mean/var/loss choice
         want = 2 * m.in_channels if d.var_type in LEARNED_VAR_TYPES else m.in_channels

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .rng import derive_seed
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -44,16 +46,6 @@ CIFAR10_TEST_FILE = "test_batch"
 def default_cache_dir() -> Path:
     """Where downloads go: ``$DDPM_LIB_CACHE`` or ``~/.cache/ddpm_lib``."""
     return Path(os.environ.get("DDPM_LIB_CACHE", Path.home() / ".cache" / "ddpm_lib"))
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple such as (seed, "noise", step, rank).
-
-    NumPy's ``SeedSequence`` hashes the entropy, so neighbouring steps get unrelated streams.
-    """
-    words = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts]
-    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
 
 
 def to_model_range(images: Tensor) -> Tensor:

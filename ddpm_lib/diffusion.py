@@ -1,8 +1,12 @@
-"""The diffusion model of the paper (§2–3): forward process, reverse process, bound and sampler.
+"""The diffusion model of the paper (§2–3): forward process, reverse process, one step of each
+algorithm, and the bound.
 
-One class, ``GaussianDiffusion``, holds the whole math. It owns no network: a model is any
-callable ``model(x_t, t)`` that maps a batch x_t [B, C, H, W] and timestep indices t (LongTensor [B])
-to a prediction of the same shape, or 2C channels when the variance is learned (mean part first).
+One class, ``GaussianDiffusion``, holds the math of one step: q (eqs. 2, 4), the posterior (eqs. 6–7),
+p_θ (eq. 1 with §3.2's parameterizations), the loss of Algorithm 1 (eq. 14) and one step of
+Algorithm 2; the loops over t that sample (Algorithm 2, DDIM) are ``samplers.sample_loop``. It owns no
+network: a model is any callable ``model(x_t, t)`` that maps a batch x_t [B, C, H, W] and timestep
+indices t (LongTensor [B]) to a prediction of the same shape, or 2C channels when the variance is
+learned (mean part first).
 
 **Time indices.** As in the official code, timesteps are 0-based: index ``i`` (0 … T−1) is the
 paper's t = i + 1. So ``t = 0`` here is the paper's t = 1, the decoder step L_0, and ``t = T − 1``
@@ -40,56 +44,21 @@ The cosine schedule (Nichol & Dhariwal eq. 17) is ``schedules.make_beta_schedule
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .configs import LEARNED_VAR_TYPES
+from .base import Model, check_choice
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .rng import Generators, randn
 from .schedules import alpha_bar as schedule_alpha_bar
 from .schedules import make_beta_schedule
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 MEAN_TYPES = ("eps", "x0", "mu", "v")
 VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
+LEARNED_VAR_TYPES = ("learned", "learned_range")  # the network outputs 2C channels: mean part, then variance
 LOSS_TYPES = ("simple", "vlb", "hybrid")
 HYBRID_LAMBDA = 0.001  # λ of L_hybrid (Nichol & Dhariwal 2021, §3.1)
-
-
-def check_choice(arg: str, value: str, valid: Sequence[str]) -> None:
-    """ValueError naming ``arg`` and the valid values when ``value`` is not one of them."""
-    if value not in valid:
-        raise ValueError(f"{arg}={value!r} is not valid; choose one of {tuple(valid)}")
-
-
-Generators = torch.Generator | Sequence[torch.Generator] | None
-
-
-def randn(shape: Sequence[int], generator: Generators, device: torch.device | str,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """N(0, I) noise of ``shape`` on ``device``: drawn from one generator (on its own device), or from a
-    list with one generator per batch row (image i's noise then depends on its generator alone)."""
-    shape = tuple(shape)
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        z = torch.empty(shape, device=generator[0].device)
-        for z_i, g in zip(z, generator, strict=True):
-            torch.randn(shape[1:], generator=g, out=z_i)
-    else:
-        gdev = generator.device if generator is not None else device
-        z = torch.randn(shape, generator=generator, device=gdev)
-    return z.to(device=device, dtype=dtype, non_blocking=True)
-
-
-def model_device(model: Model) -> torch.device:
-    """The device of a model's parameters; CPU for a parameterless callable."""
-    params = getattr(model, "parameters", None)
-    if params is not None:
-        for p in params():
-            return p.device
-    return torch.device("cpu")
 
 
 class GaussianDiffusion:
@@ -255,7 +224,7 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ conversions between predictions
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Eq. 4 solved for x_0: x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t."""
+        """Eq. 15: x̂_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t (eq. 4 solved for x_0)."""
         return (self._extract("sqrt_recip_alpha_bar", t, x_t) * x_t
                 - self._extract("sqrt_recipm1_alpha_bar", t, x_t) * eps)
 
@@ -288,7 +257,7 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ reverse process p_θ
 
-    def _split_output(self, out: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _check_output(self, out: torch.Tensor, x_t: torch.Tensor) -> None:
         C = x_t.shape[1]
         want = 2 * C if self.var_type in LEARNED_VAR_TYPES else C
         if out.shape[0] != x_t.shape[0] or out.shape[1] != want or out.shape[2:] != x_t.shape[2:]:
@@ -296,9 +265,6 @@ class GaussianDiffusion:
                 f"model output has shape {tuple(out.shape)}; var_type={self.var_type!r} needs "
                 f"{(x_t.shape[0], want, *x_t.shape[2:])}"
             )
-        if self.var_type in LEARNED_VAR_TYPES:
-            return out[:, :C], out[:, C:]
-        return out, None
 
     def learned_range_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Nichol & Dhariwal 2021, eq. 15: log Σ_θ = frac · log β_t + (1 − frac) · log β̃_t, frac = (v + 1) / 2.
@@ -314,38 +280,45 @@ class GaussianDiffusion:
 
     def p_mean_variance_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                                     clip_denoised: bool = True) -> dict[str, torch.Tensor]:
-        """The Gaussian p_θ(x_{t−1} | x_t) (eq. 1) from a network output already computed.
+        """The Gaussian p_θ(x_{t−1} | x_t) = N(μ_θ, Σ_θ) (eq. 1, §3.2) from a network output already computed.
 
-        Returns ``mean``, ``variance``, ``log_variance``, ``pred_x0`` (x̂_0) and ``pred_eps`` (ε̂).
+        Read top to bottom, as the official code's ``p_mean_variance``: split the output (mean part first,
+        then the variance part when Σ is learned), the log-variance, x̂_0 from the mean part, the clip, and
+        the mean μ̃_t(x_t, x̂_0). For ε-prediction that mean is eq. 11 written through x̂_0 (identical to
+        eq. 11 when x̂_0 is not clipped). Returns ``mean``, ``variance``, ``log_variance``, ``pred_x0`` (x̂_0)
+        and ``pred_eps`` (ε̂).
         """
+        self._check_output(out, x_t)
+        C = x_t.shape[1]
         out = out.to(x_t.dtype)
-        mean_out, var_out = self._split_output(out, x_t)
-        if self.var_type == "learned":
+        net, var_out = out[:, :C], out[:, C:]
+        if self.var_type == "learned":  # Table 2's learned diagonal Σ: the network outputs log σ²
             log_var = var_out
-        elif self.var_type == "learned_range":
+        elif self.var_type == "learned_range":  # Nichol & Dhariwal eq. 15
             log_var = self.learned_range_log_variance(var_out, t)
-        else:
+        else:  # σ_t² = β_t or β̃_t (§3.2); index 0 takes β̃_2
             log_var = self._extract(f"log_var_{self.var_type}", t, x_t).expand_as(x_t)
-
-        def clip(x: torch.Tensor) -> torch.Tensor:
-            return x.clamp(-1.0, 1.0) if clip_denoised else x
-
-        if self.mean_type == "mu":
-            mean = mean_out  # the official code does not clip a predicted mean
-            pred_x0 = clip(self.predict_x0_from_mean(x_t, t, mean_out))
+        if self.mean_type == "eps":
+            x0 = self.predict_x0_from_eps(x_t, t, net)  # eq. 15
+        elif self.mean_type == "v":
+            x0 = self.predict_x0_from_v(x_t, t, net)  # Salimans & Ho §4
+        elif self.mean_type == "mu":
+            x0 = self.predict_x0_from_mean(x_t, t, net)  # eq. 7 solved for x_0
         else:
-            # eps: eq. 11 written as μ̃_t(x_t, x̂_0(x_t, ε_θ)); identical to eq. 11 when not clipped.
-            raw_x0 = {"eps": self.predict_x0_from_eps, "v": self.predict_x0_from_v,
-                      "x0": lambda x_t, t, out: out}[self.mean_type](x_t, t, mean_out)
-            pred_x0 = clip(raw_x0)
-            mean, _, _ = self.q_posterior(pred_x0, x_t, t)
-        pred_eps = mean_out if self.mean_type == "eps" else self.predict_eps_from_x0(x_t, t, pred_x0)
+            x0 = net
+        if clip_denoised:  # the official code's clip (module docstring)
+            x0 = x0.clamp(-1.0, 1.0)
+        if self.mean_type == "mu":
+            mean = net  # a predicted mean is used as it is (the official code does not clip it)
+        else:
+            mean = self._extract("coef_x0", t, x_t) * x0 + self._extract("coef_xt", t, x_t) * x_t  # eq. 7
+        eps = net if self.mean_type == "eps" else self.predict_eps_from_x0(x_t, t, x0)  # eq. 4 solved for ε
         return {"mean": mean, "variance": torch.exp(log_var), "log_variance": log_var,
-                "pred_x0": pred_x0, "pred_eps": pred_eps}
+                "pred_x0": x0, "pred_eps": eps}
 
     def p_mean_variance(self, model: Model, x_t: torch.Tensor, t: torch.Tensor,
                         clip_denoised: bool = True) -> dict[str, torch.Tensor]:
-        """Eq. 1 with §3.2's parameterizations: mean μ_θ(x_t, t) and variance Σ_θ = σ_t² I."""
+        """Eq. 1 with §3.2's parameterizations: the network at (x_t, t), then ``p_mean_variance_from_output``."""
         self._check_t(t, x_t.shape[0])
         return self.p_mean_variance_from_output(model(x_t, t), x_t, t, clip_denoised)
 
@@ -432,7 +405,8 @@ class GaussianDiffusion:
         x0f, x_tf = x0.float(), x_t.float()
         if self.loss_type == "vlb":
             return self.vb_terms_bpd_from_output(out, x0f, x_tf, t, clip_denoised=False)["output"]
-        mean_out, var_out = self._split_output(out, x_tf)
+        self._check_output(out, x_tf)
+        mean_out, var_out = out[:, :x_tf.shape[1]], out[:, x_tf.shape[1]:]
         target = {
             "eps": lambda: noise.float(),
             "x0": lambda: x0f,
@@ -446,84 +420,19 @@ class GaussianDiffusion:
             loss = loss + HYBRID_LAMBDA * self.num_timesteps * vlb
         return loss
 
-    # ------------------------------------------------------------------ Algorithm 2: sampling
+    # ------------------------------------------------------------------ Algorithm 2: one step
 
     @torch.no_grad()
     def p_sample(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
                  generator: Generators = None,
                  noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Algorithm 2, line 4: x_{t−1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I), and z = 0 at t = 1 (index 0).
+        """Algorithm 2, lines 3–4: x_{t−1} = μ_θ(x_t, t) + σ_t z, z ~ N(0, I), and z = 0 at t = 1 (index 0).
 
-        z is ``noise`` when given, else drawn from ``generator``.
+        z is ``noise`` when given, else drawn from ``generator`` (also at index 0, where it is not used,
+        so that every step draws the same amount). The whole loop is ``samplers.sample_loop``.
         """
-        p = self.p_mean_variance(model, x_t, t, clip_denoised)
-        z = noise.to(x_t) if noise is not None else self._randn(x_t.shape, x_t, generator)
-        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-        sample = p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * z
+        p = self.p_mean_variance(model, x_t, t, clip_denoised)  # μ_θ (eqs. 11, 15, 7) and σ_t² (§3.2)
+        z = noise.to(x_t) if noise is not None else self._randn(x_t.shape, x_t, generator)  # line 3
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))  # z = 0 at t = 1
+        sample = p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * z  # line 4
         return {"sample": sample, "pred_x0": p["pred_x0"]}
-
-    @torch.no_grad()
-    def p_sample_loop_progressive(self, model: Model, shape: Sequence[int],
-                                  generator: Generators = None, progress: bool = False,
-                                  clip_denoised: bool = True, x_T: torch.Tensor | None = None,
-                                  device: torch.device | str | None = None, t_start: int | None = None,
-                                  y: torch.Tensor | int | None = None, guidance_scale: float = 0.0):
-        """Algorithm 2 step by step: yields, for i = t_start … 0 (default T−1 … 0), a dict with ``t``
-        (the index i), ``x_t`` (the input of step i), ``pred_x0`` (x̂_0 predicted from it) and
-        ``sample`` (x_{t−1}). With ``t_start``, ``x_T`` is the x_t the chain starts from (e.g. a noised
-        image, for the paper's shared-latent and interpolation figures). For a class-conditional model,
-        ``y`` (labels [B] or one int) and ``guidance_scale`` w sample with classifier-free guidance
-        (``guidance.Guided``: ε̃ = (1 + w) ε(x_t, y) − w ε(x_t, ∅))."""
-        from .guidance import guided
-
-        model = guided(model, y, guidance_scale)
-        T = self.num_timesteps
-        t_start = T - 1 if t_start is None else int(t_start)
-        if not 0 <= t_start < T:
-            raise ValueError(f"t_start={t_start} must be a 0-based index in 0 … {T - 1}")
-        device = torch.device(device) if device is not None else model_device(model)
-        if x_T is not None and tuple(x_T.shape) != tuple(shape):
-            raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
-        x = x_T.to(device) if x_T is not None else randn(shape, generator, device)
-        steps = range(t_start, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="sampling")
-        for i in steps:
-            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-            out = self.p_sample(model, x, t, clip_denoised, generator)
-            yield {"t": i, "x_t": x, "pred_x0": out["pred_x0"], "sample": out["sample"]}
-            x = out["sample"]
-
-    @torch.no_grad()
-    def p_sample_loop(self, model: Model, shape: Sequence[int], generator: Generators = None,
-                      progress: bool = False, clip_denoised: bool = True, x_T: torch.Tensor | None = None,
-                      keep_steps: Sequence[int] | None = None, device: torch.device | str | None = None,
-                      t_start: int | None = None, y: torch.Tensor | int | None = None, guidance_scale: float = 0.0):
-        """Algorithm 2: start from x_T ~ N(0, I) and apply ``p_sample`` for t = T … 1.
-
-        Noise comes from ``generator``, one or a list with one per image (reproducible: the same seeds
-        give the same images); tensors
-        live on the model's device (or ``device``). Returns x_0 [*shape]. With ``keep_steps`` (indices
-        i) it returns ``(x_0, trajectory)``, where trajectory holds ``t`` [K], ``x_t`` [K, *shape] and
-        ``pred_x0`` [K, *shape] at those steps (for the progressive-generation figures, Fig. 6).
-        With ``t_start`` = i the chain starts at index i from ``x_T`` (then an x_t) instead of T − 1.
-        ``y`` and ``guidance_scale``: classifier-free guidance, see ``p_sample_loop_progressive``.
-        """
-        keep = set(int(i) for i in keep_steps) if keep_steps is not None else set()
-        bad = [i for i in keep if not 0 <= i < self.num_timesteps]
-        if bad:
-            raise ValueError(f"keep_steps {sorted(bad)} outside 0 … {self.num_timesteps - 1}")
-        traj: dict[str, list] = {"t": [], "x_t": [], "pred_x0": []}
-        x = None
-        for step in self.p_sample_loop_progressive(model, shape, generator, progress, clip_denoised, x_T,
-                                                   device, t_start, y, guidance_scale):
-            if step["t"] in keep:
-                traj["t"].append(step["t"])
-                traj["x_t"].append(step["x_t"])
-                traj["pred_x0"].append(step["pred_x0"])
-            x = step["sample"]
-        if keep_steps is None:
-            return x
-        return x, {"t": torch.tensor(traj["t"]), "x_t": torch.stack(traj["x_t"]),
-                   "pred_x0": torch.stack(traj["pred_x0"])}

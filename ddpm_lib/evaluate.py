@@ -30,8 +30,10 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
+from .base import Model, model_device
 from .data import NAMED_DATASETS, ImageFolder, TensorImages, load_split, resize_images, to_model_range
-from .diffusion import GaussianDiffusion, Model, model_device
+from .diffusion import GaussianDiffusion
+from .loading import load_for_sampling
 
 PAPER_N_SAMPLES = 50_000
 DEFAULT_REFERENCES = (("cifar10", "train"), ("cifar10", "test"))
@@ -314,8 +316,6 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
                      "FID 3.17 against CIFAR10 train, 5.24 against test, IS 9.46 ± 0.11."}
 
     if wanted & {"nll", "rd"}:
-        from .train import load_for_sampling
-
         loaded = load_for_sampling(checkpoint, dev)
         mc = loaded.config.model
         data = data if data is not None else loaded.config.train.dataset

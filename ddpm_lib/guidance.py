@@ -12,9 +12,9 @@ samples more typical of their class. This is the convention of Ho & Salimans; ot
 diffusers' ``guidance_scale``) write s = 1 + w, ε̃ = ε(x, ∅) + s (ε(x, y) − ε(x, ∅)), so their s = 1 is
 our w = 0.
 
-``Guided`` wraps a conditional network into a plain ``model(x_t, t)``, so every sampler of
-``ddpm_lib`` (Algorithm 2 in ``GaussianDiffusion.p_sample_loop``, DDIM in ``samplers``, ``generate``)
-guides without knowing about it. The conditional and unconditional predictions come from one forward
+``Guided`` wraps a conditional network into a plain ``model(x_t, t)``. It is applied in one place, the
+sampling loop (``samplers.sample_loop``, Algorithm 2 and DDIM alike, which every other sampler calls),
+so the steps guide without knowing about it. The conditional and unconditional predictions come from one forward
 pass over the batch doubled. The combination is applied to the network's mean output (its first C
 channels); a learned variance, if any, is taken from the conditional half. For every mean type the
 combination equals guidance on ε: ε̂ is an affine function of the output (x̂_0, v or μ̃) whose weights

@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .diffusion import GaussianDiffusion, Model, model_device, randn
+from .base import Model, model_device
+from .diffusion import GaussianDiffusion
+from .rng import randn
 
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

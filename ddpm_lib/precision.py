@@ -70,9 +70,30 @@ class Autocast(nn.Module):
         super().__init__()
         self.net, self.device_type, self.dtype = net, device_type, dtype
 
+    @property
+    def config(self):
+        """The wrapped network's config (None for a network without one)."""
+        return getattr(self.net, "config", None)
+
     def forward(self, x: Tensor, t: Tensor, *args, **kwargs) -> Tensor:
         if self.dtype is None:
             return self.net(x, t, *args, **kwargs)
         with torch.autocast(self.device_type, dtype=self.dtype):
             out = self.net(x, t, *args, **kwargs)
         return out.float()
+
+
+@contextmanager
+def training_backends(device: torch.device, precision: str) -> Iterator[None]:
+    """For a training run on ``device``: the TF32 setting of ``precision`` (``fp32_precision``) and, on CUDA,
+    cuDNN's autotuner (``cudnn.benchmark``: pick the fastest convolution algorithms once, for the run's
+    fixed shapes); both restored afterwards."""
+    check_precision(precision)
+    saved_benchmark = torch.backends.cudnn.benchmark
+    with fp32_precision(precision if device.type == "cuda" else "fp32"):
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = saved_benchmark

@@ -240,26 +240,6 @@ def _download(name: str, cache_dir: str | Path | None) -> tuple[dict[str, Tensor
     ) from last_error
 
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-BOOK_MODELS = ("digits", "digits_cond")
-BOOK_MODEL = WEIGHTS_DIR / "digits.safetensors"
-
-
-def load_book_model(device: str | torch.device = "cpu", name: str = "digits"):
-    """One of the book's small models, EMA weights, trained on scikit-learn's 8×8 digits by
-    ``tools/train_book_model.py``: ``"digits"`` (1.0M parameters, T = 1000, ε-prediction, σ² = β_t)
-    or ``"digits_cond"`` (the same network conditioned on the digit class, for classifier-free guidance).
-
-    They ship inside the package (``ddpm_lib/weights/``), so they load offline and in Colab. Returns a
-    ``train.LoadedModel`` (``.model``, ``.diffusion``, ``.config``, ``.step``).
-    """
-    from .train import load_for_sampling
-
-    if name not in BOOK_MODELS:
-        raise ValueError(f"name={name!r} is not a book model; choose one of {BOOK_MODELS}")
-    return load_for_sampling(WEIGHTS_DIR / f"{name}.safetensors", device)
-
-
 def load_pretrained(name: str = "google/ddpm-cifar10-32", cache_dir: str | Path | None = None) -> UNet:
     """Download (once; the Hub cache keeps it) and convert released weights, e.g. the CIFAR10 model
     of Table 1. Needs ``huggingface_hub`` and a network on first use. Returns the model in eval mode."""

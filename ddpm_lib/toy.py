@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .diffusion import GaussianDiffusion
+from .unet import timestep_embedding
 
 
 class LinearOptimalEps:
@@ -112,7 +113,5 @@ class MLPDenoiser(torch.nn.Module):
         self.net = torch.nn.Sequential(*layers)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from .unet import timestep_embedding
-
         emb = timestep_embedding(t, self.emb_dim).to(x_t.dtype)
         return self.net(torch.cat([x_t, emb], dim=1))

@@ -1,4 +1,5 @@
-"""Algorithm 1 at the paper's scale (§4, App. B): the training loop, visible in one file.
+"""Algorithm 1 (§3.2) at the paper's scale (§4, App. B): one update, the loop of a run, and a small loop
+for data held in memory.
 
     repeat
         x_0 ~ q(x_0);  t ~ Uniform({1, …, T});  ε ~ N(0, I)
@@ -32,29 +33,27 @@ the one network learns both ε(x_t, y) and ε(x_t, ∅). Unconditional training 
 from __future__ import annotations
 
 import copy
-import csv
-import dataclasses
-import datetime
 import functools
-import io
-import math
 import os
-import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
+from .base import check_choice, resolve_device
 from .configs import Config, get_config
-from .data import TensorImages, derive_seed, iterate_batches, make_dataset, to_model_range
-from .diffusion import GaussianDiffusion, check_choice
-from .precision import Autocast, check_precision, set_fp32_precision
+from .data import TensorImages, iterate_batches, make_dataset, to_model_range
+from .diffusion import GaussianDiffusion
+from .distributed import DistInfo, barrier, setup_distributed
+from .generation import sample_images
+from .grids import image_grid, save_grid
+from .precision import Autocast, check_precision, training_backends
+from .rng import derive_seed, global_seed
+from .runlog import LossWatch, MetricsLog, NonFiniteLossError
+from .runs import check_same_model, validate_train_config
 from .unet import UNet
 
 # torch.compile modes for ``compile=``; the second pair also replays CUDA graphs.
@@ -62,55 +61,7 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss (or gradient norm) became NaN or infinite; training stopped, no checkpoint written."""
-
-
-# --------------------------------------------------------------------------- set-up helpers
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` or "auto": CUDA if available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits in a (possibly single-process) job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: torch.device) -> tuple[DistInfo, torch.device, bool]:
-    """Join the process group described by torchrun's environment (``env://``), if any.
-
-    Returns (info, this process's device, whether this call created the group). On CUDA each
-    process takes GPU ``LOCAL_RANK`` and talks NCCL; on CPU it talks Gloo. The collective timeout
-    is an hour, so other processes can wait while the main one samples a grid or writes a checkpoint.
-    """
-    env = os.environ
-    if dist.is_available() and dist.is_initialized():
-        info = DistInfo(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0)))
-    elif int(env.get("WORLD_SIZE", "1")) > 1:
-        info = DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    else:
-        return DistInfo(), device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    if dist.is_initialized():
-        return info, device, False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                            timeout=datetime.timedelta(hours=1))
-    return info, device, True
+# --------------------------------------------------------------------------- one step of Algorithm 1
 
 
 def learning_rate(step: int, base_lr: float, warmup: int) -> float:
@@ -134,7 +85,66 @@ def ema_update_(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
-# --------------------------------------------------------------------------- one step of Algorithm 1
+def algorithm1_step(diffusion: GaussianDiffusion, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer, x0: Tensor, *, lr: float, grad_clip: float, ema_decay: float,
+                    net=None, t: Tensor | None = None, noise: Tensor | None = None,
+                    generator: torch.Generator | None = None, check_finite: bool = False) -> tuple[Tensor, Tensor]:
+    """One update of Algorithm 1 (§3.2, App. B): the loss of eq. 14 on x0 [B, C, H, W] in [−1, 1], its
+    gradient, the gradient clipped to global norm ``grad_clip``, an Adam step at ``lr``, and the EMA.
+
+    ``model`` holds the weights; ``net`` is what the loss calls (default ``model``; the training loop passes
+    it compiled, DDP-wrapped or under autocast). t and ε are drawn from ``generator`` unless given. With
+    ``check_finite`` a NaN or infinite loss or gradient norm raises ``NonFiniteLossError`` before the weights
+    change (a host sync; the training loop checks later instead, through ``runlog.LossWatch``).
+    Returns (the mean loss, the gradient norm before clipping) as 0-d tensors.
+    """
+    loss = diffusion.training_losses(net or model, x0, t=t, noise=noise, generator=generator).mean()  # eq. 14
+    if check_finite and not torch.isfinite(loss):
+        raise NonFiniteLossError("non-finite loss")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # DDP averages the gradients over processes here
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if check_finite and not torch.isfinite(grad_norm):
+        raise NonFiniteLossError("non-finite gradient norm")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    ema_update_(ema, model, ema_decay)
+    return loss.detach(), grad_norm.detach()
+
+
+def fit(diffusion: GaussianDiffusion, model: nn.Module, data: Tensor | Callable[[int, torch.Generator], Tensor], *,
+        steps: int, batch_size: int, lr: float,
+        warmup: int = 0, grad_clip: float = 1.0, ema_decay: float = 0.999, seed: int = 0,
+        loss_window: int = 100) -> dict:
+    """Algorithm 1 on data held in memory (the small studies and the book's 2-D examples): ``steps`` calls
+    of ``algorithm1_step`` with Adam, the learning-rate warm-up, gradient clipping and an EMA, each on
+    ``batch_size`` rows of the tensor ``data`` [N, …] drawn with replacement, or on ``data(batch_size,
+    generator)`` for data drawn afresh (a distribution with a sampler). The batches, t and ε come from one
+    generator seeded with ``seed + 1``, so runs that differ only in their configuration see the same
+    batches. ``ema_decay=0`` keeps the last weights; ``grad_clip=math.inf`` clips nothing. Stops at the first
+    non-finite loss or gradient norm. Returns the EMA model (``ema``, eval mode), ``steps_done``,
+    ``failure`` (why it stopped early, or None) and the loss means over windows of ``loss_window`` steps."""
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses: list[float] = []
+    failure = None
+    for step in range(steps):
+        x0 = data(batch_size, gen) if callable(data) else data[torch.randint(len(data), (batch_size,), generator=gen)]
+        try:
+            loss, _ = algorithm1_step(diffusion, model, ema, opt, x0, lr=learning_rate(step, lr, warmup),
+                                      grad_clip=grad_clip, ema_decay=ema_decay, generator=gen, check_finite=True)
+        except NonFiniteLossError as e:
+            failure = f"{e} at step {step}"
+            break
+        losses.append(loss.item())
+    w = loss_window
+    windows = [sum(losses[i:i + w]) / len(losses[i:i + w]) for i in range(0, len(losses), w)]
+    return {"ema": ema.eval(), "steps_done": len(losses), "failure": failure, "loss_windows": windows}
+
+
+# --------------------------------------------------------------------------- the training state
 
 
 @dataclass
@@ -170,9 +180,9 @@ def compile_mode(compile: bool | str) -> str | None:
 
 def build_training_state(cfg: Config, device: torch.device, precision: str = "fp32", compile: bool | str = False,
                          dist_info: DistInfo | None = None) -> TrainingState:
-    """Model (initialized from the seed), EMA copy, Adam and the diffusion, ready for ``train_step``.
-
-    ``compile``: False (eager), True (``torch.compile``) or a mode name of ``COMPILE_MODES``."""
+    """Model (initialized from the seed, without touching the caller's random stream), EMA copy, Adam and
+    the diffusion, ready for ``train_step``. ``compile``: False (eager), True (``torch.compile``) or a mode
+    name of ``COMPILE_MODES``. The TF32 and cuDNN settings of a run are ``precision.training_backends``."""
     check_precision(precision)
     mode = compile_mode(compile)
     dist_info = dist_info or DistInfo()
@@ -180,29 +190,22 @@ def build_training_state(cfg: Config, device: torch.device, precision: str = "fp
         raise ValueError(f"compile={mode!r} (CUDA graphs) is not supported with several processes (DDP); "
                          "use compile=True")
     tc = cfg.train
-    set_fp32_precision(device, precision)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # pick the fastest convolution algorithms once
-
-    torch.manual_seed(derive_seed(tc.seed, "init"))  # the same initial weights in every process
-    model = UNet.from_config(cfg.model).to(device)
+    with global_seed(derive_seed(tc.seed, "init"), device):  # the same initial weights in every process
+        model = UNet.from_config(cfg.model).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate(0, tc.lr, tc.warmup),
                                  fused=True if device.type == "cuda" else None)
-
     net: nn.Module = model
-    cudagraphs = mode in CUDAGRAPH_MODES and device.type == "cuda"
     if mode is not None:
         net = torch.compile(net, mode=None if mode == "default" else mode)
     if dist_info.world_size > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     net = Autocast(net, device.type, torch.bfloat16 if precision == "bf16" else None)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-    return TrainingState(cfg, model, ema, optimizer, diffusion, net, device, dist_info,
-                         torch.Generator(device=device), cudagraphs=cudagraphs)
+    return TrainingState(cfg, model, ema, optimizer, GaussianDiffusion.from_config(cfg.diffusion), net, device,
+                         dist_info, torch.Generator(device=device),
+                         cudagraphs=mode in CUDAGRAPH_MODES and device.type == "cuda")
 
 
 def drop_labels(labels: Tensor, null_label: int, p: float, seed: int, step: int, global_batch: int,
@@ -221,7 +224,8 @@ def drop_labels(labels: Tensor, null_label: int, p: float, seed: int, step: int,
 
 def train_step(state: TrainingState, images: Tensor, step: int,
                labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Update ``step`` (0-based) of Algorithm 1 on this process's share ``images`` (uint8 [b, C, H, W]).
+    """Update ``step`` (0-based) of Algorithm 1 on this process's share ``images`` (uint8 [b, C, H, W]):
+    ``algorithm1_step`` with the run's t, ε and dropout drawn from (seed, step).
 
     A class-conditional model (``cfg.model.num_classes``) needs ``labels`` [b] (int64, 0 … K−1); a
     fraction ``cfg.train.label_drop`` of them is replaced by the null label (``drop_labels``).
@@ -236,12 +240,8 @@ def train_step(state: TrainingState, images: Tensor, step: int,
     if (num_classes is None) != (labels is None):
         raise ValueError("labels must be given for a class-conditional model (num_classes set) and only for one; "
                          f"num_classes={num_classes}, labels {'given' if labels is not None else 'missing'}")
-    lr = learning_rate(step, tc.lr, tc.warmup)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
     if state.cudagraphs:  # a new iteration: the graphs' previous outputs may be overwritten
         torch.compiler.cudagraph_mark_step_begin()
-
     x0 = to_model_range(images.to(dev, non_blocking=True))  # §4: pixels scaled to [-1, 1]
     if dev.type == "cuda":
         x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -250,270 +250,20 @@ def train_step(state: TrainingState, images: Tensor, step: int,
     share = slice(rank * x0.shape[0], (rank + 1) * x0.shape[0])
     t = torch.randint(0, state.diffusion.num_timesteps, (tc.batch_size,), generator=g, device=dev)[share]
     noise = torch.randn((tc.batch_size, *x0.shape[1:]), generator=g, device=dev)[share]
-    torch.manual_seed(derive_seed(tc.seed, "dropout", step, rank))
-
     net = state.net
     if labels is not None:
         y = drop_labels(labels.to(dev, torch.long), num_classes, tc.label_drop, tc.seed, step, tc.batch_size,
                         rank, world)
         net = functools.partial(state.net, y=y)
-    loss = state.diffusion.training_losses(net, x0, t=t, noise=noise).mean()  # eq. 14
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # DDP averages the gradients over processes here
-    grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), tc.grad_clip)
-    state.optimizer.step()
-    ema_update_(state.ema, state.model, tc.ema_decay)
+    with global_seed(derive_seed(tc.seed, "dropout", step, rank), dev):  # dropout, from (seed, step, rank)
+        out = algorithm1_step(state.diffusion, state.model, state.ema, state.optimizer, x0, net=net, t=t,
+                              noise=noise, lr=learning_rate(step, tc.lr, tc.warmup), grad_clip=tc.grad_clip,
+                              ema_decay=tc.ema_decay)
     state.step = step + 1
-    return loss.detach(), grad_norm.detach()
+    return out
 
 
-# --------------------------------------------------------------------------- logging
-
-
-class MetricsLog:
-    """metrics.csv (step, loss, lr, grad_norm, images_per_s) and TensorBoard, on the main process.
-
-    On resume, CSV rows after the resumed step (logged past the last checkpoint) are dropped.
-    """
-
-    FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s")
-
-    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool = True) -> None:
-        self.path = run_dir / "metrics.csv"
-        rows = []
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        text = io.StringIO()
-        writer = csv.DictWriter(text, self.FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-        ckpt_io.write_text_atomic(self.path, text.getvalue())  # a crash here never loses the history
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("tensorboard is not installed: metrics go to metrics.csv only "
-                              "(pip install tensorboard)", stacklevel=2)
-            else:
-                purge = start_step + 1 if start_step else None  # drop events logged after the checkpoint
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
-
-    def log(self, row: dict[str, float]) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.FIELDS).writerow(row)
-        if self.tb is not None:
-            for key in self.FIELDS[1:]:
-                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
-
-    def image(self, tag: str, grid: Tensor, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_image(tag, grid, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-class LossWatch:
-    """Loss and gradient norm of recent steps, kept on the device between checks (no GPU sync per step).
-
-    ``check`` brings them to the CPU (averaged over processes, so all stop together) and raises
-    ``NonFiniteLossError`` naming the first step whose loss or gradient norm is NaN or infinite;
-    ``row`` turns the steps since the last row into one metrics row (means, lr, images/s), where
-    time spent inside ``paused()`` (sampling, checkpointing) does not count as training time.
-    """
-
-    def __init__(self, dist_info: DistInfo, batch_size: int, start_step: int) -> None:
-        self.dist, self.batch_size = dist_info, batch_size
-        self.pending: list[tuple[int, Tensor, Tensor]] = []
-        self.window: list[tuple[int, float, float]] = []  # checked (step, loss, grad_norm)
-        self.row_step, self.row_time, self.paused_s = start_step, time.perf_counter(), 0.0
-        self.last_loss: float | None = None
-        self.rates: list[float] = []
-
-    def add(self, step: int, loss: Tensor, grad_norm: Tensor) -> None:
-        self.pending.append((step, loss, grad_norm))
-
-    def check(self, note: str) -> None:
-        if not self.pending:
-            return
-        steps = [s for s, _, _ in self.pending]
-        vals = torch.stack([torch.stack([loss.float(), gn.float()]) for _, loss, gn in self.pending])
-        self.pending.clear()
-        if self.dist.world_size > 1:
-            dist.all_reduce(vals)
-            vals /= self.dist.world_size
-        vals = vals.cpu()
-        bad = (~torch.isfinite(vals)).any(1).nonzero()
-        if len(bad):
-            i = int(bad[0])
-            raise NonFiniteLossError(f"non-finite training loss at step {steps[i]} (loss={vals[i, 0].item()}, "
-                                     f"grad_norm={vals[i, 1].item()}): training stopped; {note}")
-        self.window += [(s, v[0].item(), v[1].item()) for s, v in zip(steps, vals, strict=True)]
-
-    def row(self, step: int, lr: float) -> dict[str, float] | None:
-        """One metrics row for the checked steps since the last row (call ``check`` first)."""
-        if not self.window:
-            return None
-        now = time.perf_counter()
-        seconds = max(now - self.row_time - self.paused_s, 1e-9)
-        ips = (step - self.row_step) * self.batch_size / seconds
-        loss = sum(v[1] for v in self.window) / len(self.window)
-        grad_norm = sum(v[2] for v in self.window) / len(self.window)
-        self.window.clear()
-        self.row_step, self.row_time, self.paused_s = step, now, 0.0
-        self.last_loss = loss
-        self.rates.append(ips)
-        return {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "images_per_s": ips}
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_s += time.perf_counter() - t0
-
-    def mean_images_per_s(self) -> float | None:
-        """Throughput over the rows after the first (which includes start-up and compilation)."""
-        rates = self.rates[1:] or self.rates
-        return sum(rates) / len(rates) if rates else None
-
-
-# --------------------------------------------------------------------------- sampling helpers
-
-
-# Released weights that load_for_sampling accepts by name → the config whose diffusion they were trained
-# with (the paper's CIFAR10 run: linear β, T = 1000, ε-prediction, σ² = β_t).
-@dataclass
-class LoadedModel:
-    """EMA weights ready for Algorithm 2: the network, its diffusion, the config and the step."""
-
-    model: UNet
-    diffusion: GaussianDiffusion
-    config: Config
-    step: int
-
-
-def load_for_sampling(path: str | os.PathLike, device: str | torch.device | None = None) -> LoadedModel:
-    """The EMA model of a run directory, an ``ema.safetensors`` or a ``ckpt.safetensors`` (eval mode);
-    or, when ``path`` is not a local file and names released weights (``pretrained.PRETRAINED``,
-    e.g. "google/ddpm-cifar10-32", with the diffusion of the config listed there), those weights from the Hub
-    (``pretrained.load_pretrained``; online the first time) with ``step`` −1 (unknown)."""
-    device = resolve_device(device)
-    from . import pretrained
-
-    if str(path) in pretrained.PRETRAINED and not os.path.exists(path):
-        model = pretrained.load_pretrained(str(path))
-        base = get_config(pretrained.PRETRAINED[str(path)]["config"])
-        cfg = dataclasses.replace(base, name=str(path), model=model.config)
-        return LoadedModel(model.to(device).eval(), GaussianDiffusion.from_config(cfg.diffusion), cfg, -1)
-    weights, cfg, step = ckpt_io.ema_state_dict(path)
-    model = UNet.from_config(cfg.model)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ckpt_io.CheckpointError(f"{path}: the weights do not fit config {cfg.name!r}: {e}") from e
-    return LoadedModel(model.to(device).eval(), GaussianDiffusion.from_config(cfg.diffusion), cfg, step)
-
-
-def sample_images(model: nn.Module, diffusion: GaussianDiffusion, n: int, *, batch_size: int | None = None,
-                  seed: int = 0, progress: bool = False, class_labels=None,
-                  guidance_scale: float = 0.0) -> Tensor:
-    """``n`` samples of Algorithm 2 as a CPU float tensor [n, C, H, W] on the 256 levels of [-1, 1].
-
-    ``samplers.generate`` with ``sampler="ddpm"``: image i's noise comes from its own generator seeded
-    by (seed, i), so the images do not depend on ``batch_size`` (default all ``n`` at once).
-    ``class_labels`` and ``guidance_scale`` are for a class-conditional model (see ``generate``).
-    """
-    from .samplers import generate
-
-    images = generate(model, diffusion, n, sampler="ddpm", seed=seed, batch_size=batch_size, progress=progress,
-                      class_labels=class_labels, guidance_scale=guidance_scale)
-    return to_model_range(images.permute(0, 3, 1, 2))
-
-
-def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
-    """Images in [-1, 1] [n, C, H, W] → one grid [3, H', W'] in [0, 1], ``nrow`` per row (default ⌈√n⌉)."""
-    from torchvision.utils import make_grid
-
-    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
-    return make_grid((images.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2)
-
-
-def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """Save images in [-1, 1] as one PNG grid (see ``image_grid``)."""
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(image_grid(images, nrow), str(path))
-    return path
-
-
-# --------------------------------------------------------------------------- configs of runs
-
-
-MODEL_SECTIONS = ("model", "diffusion")
-
-
-def run_config(out_dir: str | os.PathLike, cfg: Config | str | None = None, resume: bool = False,
-               **train_overrides) -> Config:
-    """The config a run will use: ``cfg`` (or a name) with ``TrainConfig`` fields overridden.
-
-    With ``resume`` the run directory's stored config is the base; a ``cfg`` given as well must
-    agree with it on the model and diffusion (a checkpoint cannot change architecture).
-    """
-    if isinstance(cfg, str):
-        cfg = get_config(cfg)
-    if resume:
-        stored = ckpt_io.read_config(out_dir)
-        if cfg is not None:
-            check_same_model(stored, cfg, f"{out_dir}/{ckpt_io.CONFIG_NAME}")
-        cfg = stored
-    if cfg is None:
-        raise ValueError("config is required for a new run (e.g. config='cifar10')")
-    overrides = {k: v for k, v in train_overrides.items() if v is not None}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cfg.train)}
-    if unknown:
-        raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
-
-
-def check_same_model(stored: Config, cfg: Config, where: str) -> None:
-    """ValueError when ``cfg`` would change the model or diffusion recorded in ``where``."""
-    for section in MODEL_SECTIONS:
-        a, b = getattr(stored, section), getattr(cfg, section)
-        if a != b:
-            diff = {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
-                    if getattr(a, f.name) != getattr(b, f.name)}
-            raise ValueError(f"cannot resume: the {section} config differs from {where} "
-                             f"(stored vs requested: {diff}); start a new run directory instead")
-
-
-def validate_train_config(cfg: Config, world_size: int = 1) -> None:
-    tc = cfg.train
-    checks = [
-        ("steps", tc.steps >= 0, "must be >= 0"),
-        ("batch_size", tc.batch_size >= 1, "must be >= 1"),
-        ("lr", tc.lr > 0, "must be > 0"),
-        ("warmup", tc.warmup >= 0, "must be >= 0"),
-        ("grad_clip", tc.grad_clip > 0, "must be > 0"),
-        ("ema_decay", 0 <= tc.ema_decay < 1, "must be in [0, 1)"),
-        ("seed", tc.seed >= 0, "must be >= 0"),
-        ("label_drop", 0 <= tc.label_drop <= 1, "must be in [0, 1]"),
-    ]
-    for name, ok, msg in checks:
-        if not ok:
-            raise ValueError(f"train.{name}={getattr(tc, name)!r} {msg}")
-    if tc.batch_size % world_size:
-        raise ValueError(f"batch_size={tc.batch_size} (the global batch) does not divide by the "
-                         f"number of processes ({world_size})")
-
-
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -522,6 +272,34 @@ class TrainSummary:
     step: int
     loss: float | None
     images_per_s: float | None
+
+
+def _check_schedule(log_every: int, ckpt_every: int, keep_every: int, sample_every: int) -> None:
+    for name, value in (("log_every", log_every), ("ckpt_every", ckpt_every)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    for name, value in (("keep_every", keep_every), ("sample_every", sample_every)):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0 (0 turns it off)")
+    if keep_every % ckpt_every:
+        raise ValueError(f"keep_every={keep_every} must be a multiple of ckpt_every={ckpt_every}: copies are "
+                         "kept of checkpoints, which are written every ckpt_every steps")
+
+
+def _open_run_dir(out: Path, cfg: Config, resume: bool, dist_info: DistInfo) -> None:
+    """Check that ``out`` can start (empty) or resume (a checkpoint of the same model), then write its config."""
+    if resume:
+        ckpt_path = out / ckpt_io.CKPT_NAME
+        if not ckpt_path.is_file():
+            raise ckpt_io.CheckpointError(f"cannot resume: {ckpt_path} does not exist")
+        check_same_model(ckpt_io.read_config(out), cfg, str(out / ckpt_io.CONFIG_NAME))
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"run directory {out} is not empty: pass resume=True (--resume) to "
+                              "continue that run, or choose another output directory")
+    barrier(dist_info)  # every process has checked before the main one writes
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.write_config(out, cfg)
 
 
 def train(cfg: Config | str, out_dir: str | os.PathLike, *, resume: bool = False,
@@ -538,143 +316,139 @@ def train(cfg: Config | str, out_dir: str | os.PathLike, *, resume: bool = False
     steps; every ``sample_every`` steps it saves a grid of ``num_samples`` EMA samples (fixed seed).
     Under ``torchrun`` each process trains on its shard of the global batch (DDP). ``compile``: False,
     True or a ``torch.compile`` mode (``COMPILE_MODES``; ``"reduce-overhead"`` is the fastest on one GPU).
+    The run's TF32 / cuDNN settings and the global random stream are the caller's again afterwards.
     """
-    if isinstance(cfg, str):
-        cfg = get_config(cfg)
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     out = Path(out_dir)
-    for name, value in (("log_every", log_every), ("ckpt_every", ckpt_every)):
-        if value < 1:
-            raise ValueError(f"{name}={value} must be >= 1")
-    for name, value in (("keep_every", keep_every), ("sample_every", sample_every)):
-        if value < 0:
-            raise ValueError(f"{name}={value} must be >= 0 (0 turns it off)")
-    if keep_every % ckpt_every:
-        raise ValueError(f"keep_every={keep_every} must be a multiple of ckpt_every={ckpt_every}: copies are "
-                         "kept of checkpoints, which are written every ckpt_every steps")
+    _check_schedule(log_every, ckpt_every, keep_every, sample_every)
     check_precision(precision)
-
     dist_info, dev, created_group = setup_distributed(resolve_device(device))
-    main = dist_info.is_main
     try:
         validate_train_config(cfg, dist_info.world_size)
-        ckpt_path = out / ckpt_io.CKPT_NAME
-        if resume:
-            if not ckpt_path.is_file():
-                raise ckpt_io.CheckpointError(f"cannot resume: {ckpt_path} does not exist")
-            check_same_model(ckpt_io.read_config(out), cfg, str(out / ckpt_io.CONFIG_NAME))
-        elif out.exists() and any(out.iterdir()):
-            raise FileExistsError(f"run directory {out} is not empty: pass resume=True (--resume) to "
-                                  "continue that run, or choose another output directory")
-        _barrier(dist_info)  # every process has checked before the main one writes
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            ckpt_io.write_config(out, cfg)
-        return _train_loop(cfg, out, dist_info, dev, resume=resume, precision=precision, compile=compile,
-                           log_every=log_every, ckpt_every=ckpt_every, keep_every=keep_every,
-                           sample_every=sample_every, num_samples=num_samples, num_workers=num_workers,
-                           data_cache=data_cache, progress=progress, tensorboard=tensorboard)
+        _open_run_dir(out, cfg, resume, dist_info)
+        with training_backends(dev, precision):
+            state = build_training_state(cfg, dev, precision, compile, dist_info)
+            mode = compile_mode(compile)
+            how = precision + ("" if mode is None else " + compile" if mode == "default" else f" + compile ({mode})")
+            return _Run(state, out, resume, how, log_every, ckpt_every, keep_every, sample_every, num_samples,
+                        progress, tensorboard).loop(num_workers, data_cache)
     finally:
         if created_group:
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
-def _barrier(info: DistInfo) -> None:
-    if info.world_size > 1:
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
+class _Run:
+    """The loop of ``train``: steps, metric rows, sample grids and checkpoints, each in its own method."""
 
+    def __init__(self, state: TrainingState, out: Path, resume: bool, how: str, log_every: int, ckpt_every: int,
+                 keep_every: int, sample_every: int, num_samples: int, progress: bool, tensorboard: bool) -> None:
+        self.state, self.out, self.cfg, self.how = state, out, state.cfg, how
+        self.every = {"log": log_every, "ckpt": ckpt_every, "keep": keep_every, "sample": sample_every}
+        self.num_samples, self.progress, self.tensorboard = num_samples, progress, tensorboard
+        self.main = state.dist.is_main
+        self.ckpt_path = out / ckpt_io.CKPT_NAME
+        if resume:
+            loaded = ckpt_io.load_training_state(self.ckpt_path, model=state.model, ema=state.ema,
+                                                 optimizer=state.optimizer)
+            state.step = loaded.step
+        self.last_ckpt = state.step if resume else None
 
-def _train_loop(cfg: Config, out: Path, dist_info: DistInfo, dev: torch.device, *, resume: bool,
-                precision: str, compile: bool | str, log_every: int, ckpt_every: int, keep_every: int,
-                sample_every: int, num_samples: int, num_workers: int | None, data_cache, progress: bool,
-                tensorboard: bool) -> TrainSummary:
-    from tqdm.auto import tqdm
+    def data(self, num_workers: int | None, data_cache) -> tuple[int, object]:
+        """The dataset (the main process downloads first, the others then read its cache) and its batches."""
+        cfg, info, dev = self.cfg, self.state.dist, self.state.device
+        if not self.main:
+            barrier(info)
+        dataset = make_dataset(cfg.train.dataset, cfg.model.image_size, cfg.model.in_channels, cache_dir=data_cache)
+        if self.main:
+            barrier(info)
+        in_memory = isinstance(dataset, TensorImages)
+        if dev.type == "cuda" and in_memory:  # CIFAR10 is 150 MB: keep a copy on the GPU
+            dataset = TensorImages(dataset.images.to(dev), name=dataset.name, labels=dataset.labels)
+        if num_workers is None:
+            num_workers = 0 if in_memory else min(4, os.cpu_count() or 1)
+        tc = cfg.train
+        return len(dataset), iterate_batches(dataset, tc.batch_size, tc.seed, self.state.step, tc.steps, info.rank,
+                                             info.world_size, tc.random_flip, num_workers,
+                                             with_labels=cfg.model.num_classes is not None)
 
-    tc, main = cfg.train, dist_info.is_main
-    ckpt_path = out / ckpt_io.CKPT_NAME
-    state = build_training_state(cfg, dev, precision, compile, dist_info)
-    if resume:
-        loaded = ckpt_io.load_training_state(ckpt_path, model=state.model, ema=state.ema,
-                                             optimizer=state.optimizer)
-        state.step = loaded.step
-    start, total = state.step, tc.steps
-    if start >= total:
-        if main:
-            print(f"{out}: already at step {start} of {total}; nothing to do (raise --steps to continue)")
-        return TrainSummary(out, start, None, None)
+    def loop(self, num_workers: int | None, data_cache) -> TrainSummary:
+        from tqdm.auto import tqdm
 
-    # Data: the main process downloads first, the others wait and then read the cache.
-    if not main:
-        _barrier(dist_info)
-    dataset = make_dataset(tc.dataset, cfg.model.image_size, cfg.model.in_channels, cache_dir=data_cache)
-    if main:
-        _barrier(dist_info)
-    in_memory = isinstance(dataset, TensorImages)
-    if dev.type == "cuda" and in_memory:
-        dataset.images = dataset.images.to(dev)  # CIFAR10 is 150 MB: keep it on the GPU
-    if num_workers is None:
-        num_workers = 0 if in_memory else min(4, os.cpu_count() or 1)
-    conditional = cfg.model.num_classes is not None
-    batches = iterate_batches(dataset, tc.batch_size, tc.seed, start, total, dist_info.rank,
-                              dist_info.world_size, tc.random_flip, num_workers, with_labels=conditional)
+        start, total = self.state.step, self.cfg.train.steps
+        if start >= total:
+            if self.main:
+                print(f"{self.out}: already at step {start} of {total}; nothing to do (raise --steps to continue)")
+            return TrainSummary(self.out, start, None, None)
+        n_images, batches = self.data(num_workers, data_cache)
+        self.log = MetricsLog(self.out, start, self.tensorboard) if self.main else None
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                        disable=not (self.progress and self.main))
+        self.announce(n_images, start, total)
+        self.watch = LossWatch(self.state.dist, self.cfg.train.batch_size, start)
+        try:
+            for s, images, *labels in batches:  # labels: [] for an unconditional model, [y] otherwise
+                loss, grad_norm = train_step(self.state, images, s, *labels)
+                self.after_step(s + 1, loss, grad_norm, total)
+        finally:
+            self.bar.close()
+            if self.log is not None:
+                self.log.close()
+        barrier(self.state.dist)
+        return TrainSummary(self.out, self.state.step, self.watch.last_loss, self.watch.mean_images_per_s())
 
-    log = MetricsLog(out, start, tensorboard) if main else None
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=not (progress and main))
-    if main:
-        n_params = sum(p.numel() for p in state.model.parameters())
-        mode = compile_mode(compile)
-        how = precision + ("" if mode is None else " + compile" if mode == "default" else f" + compile ({mode})")
-        bar.write(f"{cfg.name}: {n_params:,} parameters, {len(dataset):,} images, batch {tc.batch_size} over "
-                  f"{dist_info.world_size} process(es) on {dev}, {how}; steps {start} → {total}")
+    def announce(self, n_images: int, start: int, total: int) -> None:
+        if self.main:
+            state, tc = self.state, self.cfg.train
+            n_params = sum(p.numel() for p in state.model.parameters())
+            self.bar.write(f"{self.cfg.name}: {n_params:,} parameters, {n_images:,} images, batch {tc.batch_size} "
+                           f"over {state.dist.world_size} process(es) on {state.device}, {self.how}; "
+                           f"steps {start} → {total}")
 
-    watch = LossWatch(dist_info, tc.batch_size, start)
-    last_ckpt = start if resume else None
+    def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, total: int) -> None:
+        """Step ``step`` (updates done) is over: log, sample and checkpoint when due."""
+        self.watch.add(step, loss, grad_norm)
+        self.bar.update(1)
+        if step % self.every["log"] == 0 or step == total:
+            self.log_row(step)
+        if self.every["sample"] and step % self.every["sample"] == 0:
+            self.sample_grid(step)
+        if step % self.every["ckpt"] == 0 or step == total:
+            self.checkpoint(step)
 
-    def check() -> None:  # never write a checkpoint or samples after a non-finite loss
-        watch.check(f"the last checkpoint, {ckpt_path} at step {last_ckpt}, is intact" if last_ckpt is not None
-                    else "no checkpoint was written")
+    def check(self) -> None:
+        """Never write a checkpoint or samples after a non-finite loss."""
+        self.watch.check(f"the last checkpoint, {self.ckpt_path} at step {self.last_ckpt}, is intact"
+                         if self.last_ckpt is not None else "no checkpoint was written")
 
-    def log_row(step: int) -> None:
-        check()
-        row = watch.row(step, learning_rate(step - 1, tc.lr, tc.warmup))
-        if row is not None and main:
-            log.log(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+    def log_row(self, step: int) -> None:
+        self.check()
+        tc = self.cfg.train
+        row = self.watch.row(step, learning_rate(step - 1, tc.lr, tc.warmup))
+        if row is not None and self.main:
+            self.log.log(row)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
 
-    try:
-        for s, images, *labels in batches:  # labels: [] for an unconditional model, [y] otherwise
-            loss, grad_norm = train_step(state, images, s, *labels)
-            step = s + 1  # updates done
-            watch.add(step, loss, grad_norm)
-            bar.update(1)
-            if step % log_every == 0 or step == total:
-                log_row(step)
-            if sample_every and step % sample_every == 0:
-                check()
-                with watch.paused():  # sampling time is not training throughput
-                    if main:  # a conditional model: classes 0, 1, … in turn, no guidance
-                        labels = "cycle" if conditional else None
-                        imgs = sample_images(state.ema, state.diffusion, num_samples, seed=tc.seed,
-                                             class_labels=labels)
-                        save_grid(imgs, out / "samples" / f"step_{step:07d}.png")
-                        log.image("samples", image_grid(imgs), step)
-            if step % ckpt_every == 0 or step == total:
-                check()
-                with watch.paused():
-                    if main:
-                        # EMA first: a crash between the two writes leaves a resumable checkpoint
-                        # and an EMA file at least as new (never an EMA older than the checkpoint).
-                        ckpt_io.save_ema(out / ckpt_io.EMA_NAME, state.ema, step, cfg)
-                        ckpt_io.save_checkpoint(ckpt_path, model=state.model, ema=state.ema,
-                                                optimizer=state.optimizer, step=step, cfg=cfg)
-                        if keep_every and step % keep_every == 0:
-                            ckpt_io.keep_copy(ckpt_path, step)
-                last_ckpt = step
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    _barrier(dist_info)
-    return TrainSummary(out, state.step, watch.last_loss, watch.mean_images_per_s())
+    def sample_grid(self, step: int) -> None:
+        """A grid of EMA samples (fixed seed; a conditional model: classes 0, 1, … in turn, no guidance)."""
+        self.check()
+        with self.watch.paused():  # sampling time is not training throughput
+            if self.main:
+                labels = "cycle" if self.cfg.model.num_classes is not None else None
+                imgs = sample_images(self.state.ema, self.state.diffusion, self.num_samples, seed=self.cfg.train.seed,
+                                     class_labels=labels)
+                save_grid(imgs, self.out / "samples" / f"step_{step:07d}.png")
+                self.log.image("samples", image_grid(imgs), step)
+
+    def checkpoint(self, step: int) -> None:
+        self.check()
+        with self.watch.paused():
+            if self.main:
+                # EMA first: a crash between the two writes leaves a resumable checkpoint
+                # and an EMA file at least as new (never an EMA older than the checkpoint).
+                state = self.state
+                ckpt_io.save_ema(self.out / ckpt_io.EMA_NAME, state.ema, step, self.cfg)
+                ckpt_io.save_checkpoint(self.ckpt_path, model=state.model, ema=state.ema,
+                                        optimizer=state.optimizer, step=step, cfg=self.cfg)
+                if self.every["keep"] and step % self.every["keep"] == 0:
+                    ckpt_io.keep_copy(self.ckpt_path, step)
+        self.last_ckpt = step

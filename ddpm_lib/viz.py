@@ -137,6 +137,25 @@ def image_row(images: Sequence[torch.Tensor | np.ndarray], titles: Sequence[str]
     return fig
 
 
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left_columns: int = 1,
+               caption: str | None = None, group_row: str = "") -> str:
+    """An HTML table of strings (escaped): the first ``left_columns`` columns are labels, left-aligned and
+    free to wrap; the others are numbers, right-aligned on one line. ``group_row`` is raw HTML for a row
+    of column groups above the header."""
+    def row(values: Sequence[str], tag: str) -> str:
+        cells = []
+        for k, v in enumerate(values):
+            style = "padding:2px 5px; text-align:" + ("left" if k < left_columns else "right")
+            if tag == "td" and k >= left_columns:
+                style += "; white-space:nowrap"
+            cells.append(f'<{tag} style="{style}">{html.escape(v)}</{tag}>')
+        return "<tr>" + "".join(cells) + "</tr>"
+
+    head = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return ('<table style="font-size:0.85em">' + head + group_row + row(header, "th")
+            + "".join(row(r, "td") for r in rows) + "</table>")
+
+
 # ---------------------------------------------------------------------------------- the scrubber
 
 # One handler, inline on the range input, so the scrubber needs no page-level script and no ids:

@@ -1,4 +1,5 @@
-"""Test data that the tests write themselves (no downloads)."""
+"""What several test files share: data the tests write themselves (no downloads), the paper's
+diffusion, and a tiny stand-in network."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
+
+from ddpm_lib import GaussianDiffusion, make_beta_schedule
+from ddpm_lib.rng import global_seed
 
 
 def write_fake_cifar10(root: Path, per_batch: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -23,3 +29,25 @@ def write_fake_cifar10(root: Path, per_batch: int = 6, seed: int = 0) -> tuple[n
             pickle.dump(batch, f, protocol=2)
     train = np.concatenate([rows[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
     return train, rows["test_batch"].reshape(-1, 3, 32, 32)
+
+
+
+def paper_diffusion(**kw) -> GaussianDiffusion:
+    """The paper's schedule (linear β, T = 1000) with the given mean, variance and loss types."""
+    return GaussianDiffusion(make_beta_schedule("linear", 1000), **kw)
+
+
+class TinyNet(nn.Module):
+    """A stand-in for ε_θ with few parameters: a conv over x (through tanh when ``squash``, which keeps a
+    sampler's x_t bounded) plus a learned per-timestep bias; initialized from ``seed``."""
+
+    def __init__(self, T: int, c_in: int = 3, c_out: int = 3, seed: int = 0, squash: bool = False) -> None:
+        super().__init__()
+        with global_seed(seed):
+            self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+            self.emb = nn.Embedding(T, c_out)
+        self.squash = squash
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return (torch.tanh(h) if self.squash else h) + self.emb(t)[:, :, None, None]

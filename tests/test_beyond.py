@@ -1,4 +1,4 @@
-"""ddpm_lib.beyond (the "Beyond DDPM" chapter's study): its measures, a whole run on a tiny budget, and the
+"""ddpm_lib.studies.beyond (the "Beyond DDPM" chapter's study): its measures, a whole run on a tiny budget, and the
 shipped results."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lib import beyond
+from ddpm_lib.studies import beyond, load_results
 
 
 def test_mmd_digits_is_near_zero_between_halves_of_one_set_and_grows_with_a_shift() -> None:
-    clf = beyond.train_classifier(beyond.Settings(clf_steps=50))
+    clf = beyond.train_classifier(beyond.BeyondSettings(clf_steps=50))
     ref, _ = beyond.reference_digits()
     perm = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))
     halves = beyond.mmd_digits(clf, ref[perm[:148]], ref[perm[148:]])
@@ -40,10 +40,10 @@ def test_pixels_accepts_both_layouts_and_refuses_floats() -> None:
 
 
 def test_learned_variance_models_have_two_output_channels() -> None:
-    s = beyond.Settings()
+    s = beyond.BeyondSettings()
     x, t = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
-    assert beyond.make_model("fixed_large", s)(x, t).shape == (2, 1, 8, 8)
-    assert beyond.make_model("learned_range", s)(x, t).shape == (2, 2, 8, 8)
+    assert beyond.make_small_unet("fixed_large", s)(x, t).shape == (2, 1, 8, 8)
+    assert beyond.make_small_unet("learned_range", s)(x, t).shape == (2, 2, 8, 8)
 
 
 def test_the_command_writes_every_part_and_is_deterministic(tmp_path) -> None:
@@ -65,7 +65,7 @@ def test_the_command_writes_every_part_and_is_deterministic(tmp_path) -> None:
     fixed, learned = a["likelihood"]["variants"][:2]
     assert set(fixed["bound"]) == {"fixed_large", "fixed_small"} and set(learned["bound"]) == {"learned_range"}
     assert all(len(bd["per_t"]) == 25 and len(bd["per_example"]) == 4 for bd in fixed["bound"].values())
-    assert a["commands"]["likelihood"].startswith("python -m ddpm_lib.beyond --steps 3")
+    assert a["commands"]["likelihood"].startswith("python -m ddpm_lib.studies.beyond --steps 3")
 
 
 def test_rerunning_one_part_keeps_the_others(tmp_path) -> None:
@@ -84,19 +84,19 @@ def test_rerunning_one_part_keeps_the_others(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def shipped() -> dict:
-    return beyond.load_results()
+    return load_results("beyond")
 
 
 def test_shipped_results_come_from_the_default_settings_and_the_shipped_weights(shipped) -> None:
     # (a part rerun alone keeps the others: the settings must still be the defaults the whole file was made with)
-    assert shipped["settings"] == asdict(beyond.Settings())
+    assert shipped["settings"] == asdict(beyond.BeyondSettings())
     for part in ("sampling", "guidance"):
         assert shipped[part]["weights_sha256"] == beyond.file_sha256(beyond.WEIGHTS_DIR / shipped[part]["weights"])
     assert set(beyond.PARTS) <= set(shipped)
 
 
 def test_shipped_sampling_rows_are_the_configured_samplers(shipped) -> None:
-    s = beyond.Settings()
+    s = beyond.BeyondSettings()
     runs = shipped["sampling"]["runs"]
     assert [(r["sampler"], r["steps"], r["eta"]) for r in runs] == beyond.sampler_runs(s, shipped["sampling"]["T"])
     for r in runs:
@@ -106,7 +106,7 @@ def test_shipped_sampling_rows_are_the_configured_samplers(shipped) -> None:
 
 
 def test_shipped_guidance_metrics_agree_with_the_stored_predictions(shipped) -> None:
-    s = beyond.Settings()
+    s = beyond.BeyondSettings()
     labels = np.arange(s.guidance_n) % 10
     for r in shipped["guidance"]["runs"]:
         assert len(r["predicted"]) == s.guidance_n
@@ -115,7 +115,7 @@ def test_shipped_guidance_metrics_agree_with_the_stored_predictions(shipped) -> 
 
 
 def test_shipped_bounds_add_up(shipped) -> None:
-    s = beyond.Settings()
+    s = beyond.BeyondSettings()
     variants = shipped["likelihood"]["variants"]
     assert [(v["schedule"], v["var_type"], v["loss_type"]) for v in variants] == [
         (sched, var, loss) for _, sched, _, var, loss in beyond.VARIANTS]

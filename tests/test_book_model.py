@@ -5,7 +5,7 @@ import torch
 
 from ddpm_lib import get_config
 from ddpm_lib.data import load_digits, make_dataset, to_model_range
-from ddpm_lib.pretrained import BOOK_MODEL, load_book_model
+from ddpm_lib.loading import WEIGHTS_DIR, load_book_model
 
 
 def test_digits_splits_are_disjoint_and_on_17_levels():
@@ -28,7 +28,7 @@ def test_digits_config_trains_on_the_training_split():
 
 
 def test_shipped_book_model_loads_and_denoises():
-    assert BOOK_MODEL.is_file(), "run tools/train_book_model.py"
+    assert (WEIGHTS_DIR / "digits.safetensors").is_file(), "run tools/train_book_model.py"
     book = load_book_model()
     assert book.config.name == "digits" and book.step == book.config.train.steps
     # A trained ε-predictor beats predicting zero noise (loss 1) by far on held-out digits.

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 import ddpm_lib.checkpoint as ckpt_io
 from ddpm_lib.checkpoint import CheckpointError
 from ddpm_lib.configs import get_config
-from ddpm_lib.train import build_training_state, load_for_sampling, train_step
+from ddpm_lib.loading import load_for_sampling
+from ddpm_lib.train import build_training_state, train_step
 
 CFG = get_config("tiny")
 

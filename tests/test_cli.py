@@ -146,20 +146,21 @@ def test_sample_npz_holds_uint8_images_and_a_grid_beside_it(tmp_path, tiny_ema, 
 
 
 def test_interrupted_sampling_resumes_to_the_same_npz(tmp_path, tiny_ema, monkeypatch, capsys):
-    import ddpm_lib.samplers as samplers
+    import ddpm_lib.generation as generation
+    import ddpm_lib.jobs as jobs
 
     whole = tmp_path / "whole.npz"
     assert main(sample_argv(tiny_ema, whole, "--batch-size", "5")) == 0
 
     # Kill the job once its first chunk (images 0, 1) is on disk.
     out = tmp_path / "resumed.npz"
-    save_chunk = samplers._save_chunk
+    save_chunk = jobs._save_chunk
 
     def save_then_die(path, images):
         save_chunk(path, images)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(samplers, "_save_chunk", save_then_die)
+    monkeypatch.setattr(jobs, "_save_chunk", save_then_die)
     assert main(sample_argv(tiny_ema, out, "--batch-size", "2")) == 130
     assert "rerun the same command to continue" in capsys.readouterr().err
     partial = tmp_path / "resumed.npz.partial"
@@ -167,7 +168,7 @@ def test_interrupted_sampling_resumes_to_the_same_npz(tmp_path, tiny_ema, monkey
     assert not out.exists()
 
     # Other arguments than the unfinished job's are refused, naming what differs.
-    monkeypatch.setattr(samplers, "_save_chunk", save_chunk)
+    monkeypatch.setattr(jobs, "_save_chunk", save_chunk)
     other = ckpt_io.save_ema(tmp_path / "other.safetensors", tiny_weights(seed=1), 7, get_config("tiny"))
     for ckpt, extra, what in [(tiny_ema, ["--seed", "1"], "seed"), (tiny_ema, ["--eta", "0.2"], "eta"),
                               (tiny_ema, ["--steps", "4"], "steps"), (other, [], "weights")]:
@@ -177,8 +178,8 @@ def test_interrupted_sampling_resumes_to_the_same_npz(tmp_path, tiny_ema, monkey
 
     # The rerun (any batch size) samples only images 2, 3, 4 and gives the uninterrupted result.
     sampled = []
-    image_generators = samplers.image_generators
-    monkeypatch.setattr(samplers, "image_generators",
+    image_generators = generation.image_generators
+    monkeypatch.setattr(generation, "image_generators",
                         lambda seed, idx: sampled.extend(idx) or image_generators(seed, idx))
     assert main(sample_argv(tiny_ema, out, "--batch-size", "3")) == 0
     assert sampled == [2, 3, 4] and not partial.exists()
@@ -211,7 +212,7 @@ def test_ddpm_sampler_with_ddim_steps_is_a_clear_error(tmp_path, tiny_ema, capsy
 
 def test_released_weights_by_name_use_the_cifar10_diffusion(tmp_path, monkeypatch, capsys):
     import ddpm_lib.pretrained as pretrained
-    from ddpm_lib.train import load_for_sampling
+    from ddpm_lib.loading import load_for_sampling
 
     asked = []
     monkeypatch.setattr(pretrained, "load_pretrained", lambda name: asked.append(name) or tiny_weights())

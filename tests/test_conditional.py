@@ -14,9 +14,12 @@ import ddpm_lib.checkpoint as ckpt_io
 from ddpm_lib import GaussianDiffusion, UNet, get_config, make_beta_schedule
 from ddpm_lib.cli import main as cli_main
 from ddpm_lib.data import TensorImages, iterate_batches, load_digits, to_model_range
+from ddpm_lib.generation import generate
 from ddpm_lib.guidance import Guided, resolve_class_labels
-from ddpm_lib.samplers import generate, sample_loop
-from ddpm_lib.train import build_training_state, drop_labels, load_for_sampling, run_config, train, train_step
+from ddpm_lib.loading import load_for_sampling
+from ddpm_lib.runs import resolve_run_config
+from ddpm_lib.samplers import sample_loop
+from ddpm_lib.train import build_training_state, drop_labels, train, train_step
 from ddpm_lib.unet import ResBlock
 
 QUIET = dict(progress=False, tensorboard=False, sample_every=0)
@@ -117,8 +120,8 @@ def test_guidance_at_w0_reproduces_conditional_sampling_in_both_samplers():
         assert torch.equal(run(net, y=y, guidance_scale=0.0), ref)
         guided = run(net, y=y, guidance_scale=3.0)
         assert torch.isfinite(guided).all() and not torch.equal(guided, ref)
-    x = d.p_sample_loop(net, shape, generator=torch.Generator().manual_seed(3), y=y)
-    assert torch.equal(x, d.p_sample_loop(plain, shape, generator=torch.Generator().manual_seed(3)))
+    x = sample_loop(d, net, shape, generator=torch.Generator().manual_seed(3), y=y)
+    assert torch.equal(x, sample_loop(d, plain, shape, generator=torch.Generator().manual_seed(3)))
 
 
 def test_generate_samples_classes_independently_of_the_batch_size():
@@ -200,7 +203,7 @@ def test_conditional_train_step_trains_the_label_embedding_and_needs_labels():
 def test_conditional_run_resumes_bit_for_bit_and_samples_from_the_cli(tmp_path, capsys):
     train(small_digits_cond(4), tmp_path / "full", **QUIET)
     train(small_digits_cond(2), tmp_path / "split", **QUIET)
-    train(run_config(tmp_path / "split", resume=True, steps=4), tmp_path / "split", resume=True, **QUIET)
+    train(resolve_run_config(tmp_path / "split", resume=True, steps=4), tmp_path / "split", resume=True, **QUIET)
     full = ckpt_io.read_checkpoint(tmp_path / "full" / ckpt_io.CKPT_NAME)
     split = ckpt_io.read_checkpoint(tmp_path / "split" / ckpt_io.CKPT_NAME)
     assert full.tensors.keys() == split.tensors.keys()
@@ -271,7 +274,7 @@ def test_sample_cli_refuses_labels_for_an_unconditional_checkpoint(tmp_path, cap
 
 
 def test_shipped_conditional_book_model_loads_and_uses_its_labels():
-    from ddpm_lib.pretrained import WEIGHTS_DIR, load_book_model
+    from ddpm_lib.loading import WEIGHTS_DIR, load_book_model
 
     assert (WEIGHTS_DIR / "digits_cond.safetensors").is_file(), "run tools/train_book_model.py --config digits_cond"
     book = load_book_model(name="digits_cond")

@@ -5,17 +5,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from fakes import TinyNet, paper_diffusion
 
 from ddpm_lib import GaussianDiffusion, make_beta_schedule
 from ddpm_lib.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
+from ddpm_lib.samplers import sample_loop
 from ddpm_lib.toy import LinearOptimalEps as OptimalEps
 from ddpm_lib.toy import discretized_gaussian, entropy_bits
-
-
-def paper_diffusion(**kw) -> GaussianDiffusion:
-    return GaussianDiffusion(make_beta_schedule("linear", 1000), **kw)
-
 
 # ---------------------------------------------------------------- forward process
 
@@ -188,18 +184,6 @@ def test_a_worse_predictor_gives_a_larger_bound(gaussian_bound):
 # ---------------------------------------------------------------- training and sampling
 
 
-class TinyNet(nn.Module):
-    """A few parameters: conv over x plus a learned per-timestep bias."""
-
-    def __init__(self, T: int, c_in: int = 3, c_out: int = 3):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Embedding(T, c_out)
-
-    def forward(self, x, t):
-        return self.conv(x) + self.emb(t)[:, :, None, None]
-
-
 COMBOS = list(itertools.product(MEAN_TYPES, VAR_TYPES, LOSS_TYPES))
 
 
@@ -232,7 +216,7 @@ def test_every_table2_combination_trains_and_samples(mean_type, var_type, loss_t
     assert x["sample"].shape == (4, 3, 8, 8) and torch.isfinite(x["sample"]).all()
     with torch.no_grad():  # an untrained learned log-variance can blow up over a whole chain
         net.conv.weight.mul_(0.1)
-    samples = d.p_sample_loop(net, (2, 3, 8, 8), generator=g)
+    samples = sample_loop(d, net, (2, 3, 8, 8), generator=g)
     assert torch.isfinite(samples).all()
 
 
@@ -266,9 +250,9 @@ def test_vlb_training_loss_times_T_plus_prior_is_the_bound():
 def test_sampling_is_reproducible_from_a_generator():
     d = GaussianDiffusion(make_beta_schedule("linear", 30))
     net = TinyNet(30)
-    a = d.p_sample_loop(net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(7))
-    b = d.p_sample_loop(net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(7))
-    c = d.p_sample_loop(net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(8))
+    a = sample_loop(d, net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(7))
+    b = sample_loop(d, net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(7))
+    c = sample_loop(d, net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -276,20 +260,20 @@ def test_sampling_keeps_intermediate_steps():
     d = GaussianDiffusion(make_beta_schedule("linear", 30))
     net = TinyNet(30)
     g = torch.Generator().manual_seed(0)
-    x, traj = d.p_sample_loop(net, (2, 3, 8, 8), generator=g, keep_steps=[29, 15, 0])
+    x, traj = sample_loop(d, net, (2, 3, 8, 8), generator=g, keep_steps=[29, 15, 0])
     assert traj["t"].tolist() == [29, 15, 0]
     assert traj["x_t"].shape == traj["pred_x0"].shape == (3, 2, 3, 8, 8)
-    again = d.p_sample_loop(net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    again = sample_loop(d, net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     assert torch.equal(x, again)
     with pytest.raises(ValueError, match="keep_steps"):
-        d.p_sample_loop(net, (2, 3, 8, 8), keep_steps=[30])
+        sample_loop(d, net, (2, 3, 8, 8), keep_steps=[30])
 
 
 def test_ancestral_sampling_recovers_gaussian_data():
     # Algorithm 2 with the optimal ε-predictor for N(m, v) data must produce N(m, v) samples.
     d = paper_diffusion(var_type="fixed_small")
     m, v = 0.2, 0.09
-    x = d.p_sample_loop(OptimalEps(d, m, v), (4000, 1, 2, 2), clip_denoised=False,
+    x = sample_loop(d, OptimalEps(d, m, v), (4000, 1, 2, 2), clip_denoised=False,
                         generator=torch.Generator().manual_seed(0)).flatten()
     n = x.numel()
     assert abs(x.mean().item() - m) < 5 * math.sqrt(v / n)
@@ -320,7 +304,7 @@ def test_bad_betas_and_shapes_raise():
     with pytest.raises(ValueError, match="0-based"):
         d.q_sample(torch.zeros(2, 3), torch.tensor([-1, 5]))
     with pytest.raises(ValueError, match="x_T has shape"):
-        d.p_sample_loop(lambda x, t: x, (2, 3), x_T=torch.zeros(3, 3))
+        sample_loop(d, lambda x, t: x, (2, 3), x_T=torch.zeros(3, 3))
     with pytest.raises(ValueError, match="noise shape"):
         d.q_sample(torch.zeros(2, 3), torch.tensor([1, 2]), torch.zeros(2, 4))
 
@@ -329,12 +313,12 @@ def test_sampling_can_start_from_an_intermediate_step():
     # Starting at index i from the x_t that the full chain reached there gives the full chain's result.
     d = GaussianDiffusion(make_beta_schedule("linear", 30))
     net = TinyNet(30)
-    x, traj = d.p_sample_loop(net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(0), keep_steps=[12])
+    x, traj = sample_loop(d, net, (2, 3, 8, 8), generator=torch.Generator().manual_seed(0), keep_steps=[12])
     g = torch.Generator().manual_seed(0)
     torch.randn((2, 3, 8, 8), generator=g)  # x_T
     for _ in range(29, 12, -1):  # the noise of steps 29 … 13
         torch.randn((2, 3, 8, 8), generator=g)
-    tail = d.p_sample_loop(net, (2, 3, 8, 8), generator=g, x_T=traj["x_t"][0], t_start=12)
+    tail = sample_loop(d, net, (2, 3, 8, 8), generator=g, x_T=traj["x_t"][0], t_start=12)
     assert torch.equal(tail, x)
     with pytest.raises(ValueError, match="t_start"):
-        d.p_sample_loop(net, (2, 3, 8, 8), t_start=30)
+        sample_loop(d, net, (2, 3, 8, 8), t_start=30)

@@ -9,19 +9,16 @@ import math
 
 import pytest
 import torch
+from fakes import paper_diffusion
 
 import ddpm_lib.checkpoint as ckpt_io
 from ddpm_lib import GaussianDiffusion, make_beta_schedule
 from ddpm_lib.configs import Config, DiffusionConfig, config_from_dict, config_to_dict, get_config
 from ddpm_lib.diffusion import HYBRID_LAMBDA
+from ddpm_lib.generation import generate
 from ddpm_lib.losses import mean_flat
-from ddpm_lib.samplers import generate
 from ddpm_lib.toy import LinearOptimalEps, discretized_gaussian, entropy_bits
 from ddpm_lib.train import build_training_state, train_step
-
-
-def paper_diffusion(**kw) -> GaussianDiffusion:
-    return GaussianDiffusion(make_beta_schedule("linear", 1000), **kw)
 
 
 def improved_tiny() -> Config:

@@ -4,34 +4,27 @@ from __future__ import annotations
 
 import math
 
+import fakes
 import pytest
 import torch
 from torch import nn
 
 from ddpm_lib import GaussianDiffusion, UNet, make_beta_schedule
 from ddpm_lib.data import to_uint8
+from ddpm_lib.generation import generate
+from ddpm_lib.rng import image_generators
 from ddpm_lib.samplers import (
-    ddim_mean_variance,
     ddim_sample_loop,
+    ddim_step,
     ddim_timesteps,
-    generate,
-    image_generators,
     sample_loop,
 )
 from ddpm_lib.toy import LinearOptimalEps
 
 
-class TinyNet(nn.Module):
-    """A conv over x plus a per-timestep bias, seeded: a fixed, nonlinear-enough stand-in for ε_θ."""
-
-    def __init__(self, T: int, c_in: int = 3, c_out: int = 3, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Embedding(T, c_out)
-
-    def forward(self, x, t):
-        return torch.tanh(self.conv(x)) + self.emb(t)[:, :, None, None]
+def TinyNet(T: int, c_in: int = 3, c_out: int = 3) -> fakes.TinyNet:  # noqa: N802 - the shared net, squashed
+    """A fixed, nonlinear-enough stand-in for ε_θ: ``fakes.TinyNet`` through tanh."""
+    return fakes.TinyNet(T, c_in, c_out, squash=True)
 
 
 def tiny_unet(seed: int = 0) -> UNet:
@@ -69,7 +62,7 @@ def test_ddim_step_with_eta_1_is_the_ddpm_posterior(mean_type, clip):
     x = 1.5 * torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for t in [999, 600, 100, 10, 1, 0]:
         tb = torch.full((4,), t, dtype=torch.long)
-        step = ddim_mean_variance(d, net, x, t, t - 1, eta=1.0, clip_denoised=clip)
+        step = ddim_step(d, net, x, t, t - 1, eta=1.0, clip_denoised=clip)
         ddpm = d.p_mean_variance(net, x, tb, clip_denoised=clip)
         assert torch.equal(step["pred_x0"], ddpm["pred_x0"])
         post_mean, post_var, _ = d.q_posterior(ddpm["pred_x0"], x, tb)
@@ -87,7 +80,7 @@ def test_ddim_with_eta_1_on_every_step_reproduces_algorithm_2():
     net = TinyNet(50).double()
     x_T = torch.randn(3, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ddim = ddim_sample_loop(d, net, x_T.shape, eta=1.0, x_T=x_T, generator=torch.Generator().manual_seed(5))
-    ddpm = d.p_sample_loop(net, x_T.shape, x_T=x_T, generator=torch.Generator().manual_seed(5))
+    ddpm = sample_loop(d, net, x_T.shape, x_T=x_T, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-9)
 
 
@@ -97,8 +90,8 @@ def test_ddim_uses_the_mean_part_of_a_learned_variance_output():
     fixed = GaussianDiffusion(make_beta_schedule("linear", T))
     net = TinyNet(T, c_out=6)
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    a = ddim_mean_variance(learned, net, x, 50, 40, eta=0.3)
-    b = ddim_mean_variance(fixed, lambda x, t: net(x, t)[:, :3], x, 50, 40, eta=0.3)
+    a = ddim_step(learned, net, x, 50, 40, eta=0.3)
+    b = ddim_step(fixed, lambda x, t: net(x, t)[:, :3], x, 50, 40, eta=0.3)
     assert torch.equal(a["mean"], b["mean"]) and a["variance"] == b["variance"]
 
 
@@ -164,12 +157,20 @@ def test_ddim_on_gaussian_data_gives_its_mean_and_variance():
     assert y.var().item() == pytest.approx(var_07, rel=5 * math.sqrt(2 / n))
 
 
-def test_ddpm_sampler_is_exactly_p_sample_loop():
+def test_ddpm_sampler_is_exactly_algorithm_2_step_by_step():
+    # The loop with sampler="ddpm" is x_T from the generator, then p_sample (Algorithm 2, line 4) for t = T … 1.
     d = GaussianDiffusion(make_beta_schedule("linear", 30))
     net = TinyNet(30)
     x, traj = sample_loop(d, net, (2, 3, 6, 6), sampler="ddpm", generator=torch.Generator().manual_seed(4),
                           keep_steps=[29, 3])
-    y, ref = d.p_sample_loop(net, (2, 3, 6, 6), generator=torch.Generator().manual_seed(4), keep_steps=[29, 3])
+    g = torch.Generator().manual_seed(4)
+    y, ref = torch.randn((2, 3, 6, 6), generator=g), {"t": [], "x_t": [], "pred_x0": []}
+    for i in range(29, -1, -1):
+        out = d.p_sample(net, y, torch.full((2,), i), generator=g)
+        if i in (29, 3):
+            ref["t"].append(i), ref["x_t"].append(y), ref["pred_x0"].append(out["pred_x0"])
+        y = out["sample"]
+    ref = {"t": torch.tensor(ref["t"]), "x_t": torch.stack(ref["x_t"]), "pred_x0": torch.stack(ref["pred_x0"])}
     assert torch.equal(x, y) and all(torch.equal(traj[k], ref[k]) for k in ref)
 
 

@@ -17,15 +17,14 @@ from fakes import write_fake_cifar10
 import ddpm_lib.checkpoint as ckpt_io
 from ddpm_lib.configs import get_config
 from ddpm_lib.diffusion import GaussianDiffusion
+from ddpm_lib.runlog import NonFiniteLossError
+from ddpm_lib.runs import resolve_run_config, validate_train_config
 from ddpm_lib.train import (
-    NonFiniteLossError,
     build_training_state,
     ema_update_,
     learning_rate,
-    run_config,
     train,
     train_step,
-    validate_train_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +105,7 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path, cifa
     # 8 steps cross an epoch boundary (40 images / batch 8 = 5 steps per epoch)
     train(tiny(8), tmp_path / "straight", data_cache=cifar_cache, **QUIET)
     train(tiny(4), tmp_path / "split", data_cache=cifar_cache, **QUIET)
-    cfg = run_config(tmp_path / "split", resume=True, steps=8)
+    cfg = resolve_run_config(tmp_path / "split", resume=True, steps=8)
     train(cfg, tmp_path / "split", resume=True, data_cache=cifar_cache, **QUIET)
     a, b = _tensors(tmp_path / "straight"), _tensors(tmp_path / "split")
     assert a.keys() == b.keys()
@@ -122,7 +121,7 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path, cifar_cache)
     # pretend a crash after step 4's metrics but before its checkpoint: roll the checkpoint back
     train(tiny(2), tmp_path / "two", data_cache=cifar_cache, **QUIET)
     os.replace(tmp_path / "two" / "ckpt.safetensors", out / "ckpt.safetensors")
-    train(run_config(out, resume=True, steps=3), out, resume=True, data_cache=cifar_cache, log_every=1, **QUIET)
+    train(resolve_run_config(out, resume=True, steps=3), out, resume=True, data_cache=cifar_cache, log_every=1, **QUIET)
     with open(out / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
@@ -158,7 +157,7 @@ def test_resume_refuses_a_different_model_and_a_missing_checkpoint(tmp_path, cif
         train(tiny(1), out, resume=True, data_cache=cifar_cache, **QUIET)
     train(tiny(1), out, data_cache=cifar_cache, **QUIET)
     with pytest.raises(ValueError, match="the model config differs"):
-        run_config(out, "small", resume=True)
+        resolve_run_config(out, "small", resume=True)
     wider = dataclasses.replace(tiny(2), model=dataclasses.replace(tiny(2).model, ch=64))
     with pytest.raises(ValueError, match=r"the model config differs.*'ch': \(32, 64\)"):
         train(wider, out, resume=True, data_cache=cifar_cache, **QUIET)
@@ -168,7 +167,7 @@ def test_resume_past_the_last_step_does_nothing(tmp_path, cifar_cache, capsys):
     out = tmp_path / "run"
     train(tiny(2), out, data_cache=cifar_cache, **QUIET)
     before = (out / "ckpt.safetensors").read_bytes()
-    summary = train(run_config(out, resume=True), out, resume=True, data_cache=cifar_cache, **QUIET)
+    summary = train(resolve_run_config(out, resume=True), out, resume=True, data_cache=cifar_cache, **QUIET)
     assert summary.step == 2 and "nothing to do" in capsys.readouterr().out
     assert (out / "ckpt.safetensors").read_bytes() == before
 
@@ -205,7 +204,7 @@ def test_two_processes_with_half_batches_match_one_process(tmp_path, cifar_cache
 
 
 def test_missing_tensorboard_only_warns(tmp_path, monkeypatch):
-    from ddpm_lib.train import MetricsLog
+    from ddpm_lib.runlog import MetricsLog
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
     with pytest.warns(UserWarning, match="tensorboard is not installed"):
@@ -223,7 +222,8 @@ def test_keep_every_must_be_a_multiple_of_ckpt_every(tmp_path):
 def test_compile_modes():
     """compile=False/True/mode name; CUDA-graph modes refuse DDP; the CLI takes an optional mode."""
     from ddpm_lib.cli import build_parser
-    from ddpm_lib.train import COMPILE_MODES, DistInfo, compile_mode
+    from ddpm_lib.distributed import DistInfo
+    from ddpm_lib.train import COMPILE_MODES, compile_mode
 
     assert compile_mode(False) is None and compile_mode(True) == "default"
     assert compile_mode("reduce-overhead") == "reduce-overhead"

@@ -1,7 +1,7 @@
 """Train the book's small models and ship their EMA weights: ``python tools/train_book_model.py``.
 
 The chapters that need a trained network (the ELBO decomposition, the first look in the
-introduction) load ``ddpm_lib/weights/digits.safetensors`` (``ddpm_lib.pretrained.load_book_model``;
+introduction) load ``ddpm_lib/weights/digits.safetensors`` (``ddpm_lib.loading.load_book_model``;
 it ships inside the package, so ``pip install`` brings it to Colab too): the ``digits`` config (1.0M parameters, the
 paper's T = 1000 linear schedule, ε-prediction, σ² = β_t) trained with Algorithm 1 on the first
 1,500 of scikit-learn's bundled 8×8 digits, on a CPU or a GPU. This script is the whole recipe:
@@ -38,8 +38,8 @@ import torch
 from ddpm_lib import train
 from ddpm_lib.checkpoint import CKPT_NAME, write_text_atomic
 from ddpm_lib.data import load_digits, to_model_range
-from ddpm_lib.samplers import generate
-from ddpm_lib.train import load_for_sampling
+from ddpm_lib.generation import generate
+from ddpm_lib.loading import load_for_sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK_CONFIGS = ("digits", "digits_cond")

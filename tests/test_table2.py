@@ -1,4 +1,4 @@
-"""ddpm_lib.ablation (Table 2 at small scale): its exact metrics, and a whole run at toy settings."""
+"""ddpm_lib.studies.table2 (Table 2 at small scale): its exact metrics, and a whole run at toy settings."""
 
 from __future__ import annotations
 
@@ -11,22 +11,22 @@ import torch
 
 @pytest.fixture(scope="module")
 def tool():
-    from ddpm_lib import ablation
+    from ddpm_lib.studies import table2
 
-    return ablation
+    return table2
 
 
 def test_exact_nll_matches_the_continuous_entropy_minus_log_bin_width(tool) -> None:
     # Components 5.4 std apart barely overlap: entropy ≈ log2(8) + a 2-D Gaussian's entropy, bins of width
     # 2/255. The small overlap and the open edge bins can only lower it.
-    mix = tool.make_mixture(tool.Settings())
+    mix = tool.make_mixture(tool.Table2Settings())
     gaussian = math.log2(2 * math.pi * math.e * mix.std**2)  # 2-D, bits
     approx = (math.log2(8) + gaussian) / 2 - math.log2(2 / 255)
     assert approx - 0.03 < tool.exact_nll_bits(mix) < approx
 
 
 def test_mmd_is_near_zero_for_the_mixture_and_large_for_a_shifted_copy(tool) -> None:
-    s = tool.Settings()
+    s = tool.Table2Settings()
     mix = tool.make_mixture(s)
     x = mix.sample(3000, torch.Generator().manual_seed(0))
     same, shifted = tool.mmd2_to_mixture(mix, x, s.kernel_width), tool.mmd2_to_mixture(mix, x + 0.2, s.kernel_width)
@@ -34,7 +34,7 @@ def test_mmd_is_near_zero_for_the_mixture_and_large_for_a_shifted_copy(tool) -> 
 
 
 def test_escaped_and_non_finite_samples_count_as_misses(tool) -> None:
-    s = tool.Settings()
+    s = tool.Table2Settings()
     mix = tool.make_mixture(s)
     x = mix.means.repeat(10, 1)  # 80 points, each at a component's mean
     x[0] = torch.tensor([5.0, 0.0])
@@ -46,19 +46,19 @@ def test_escaped_and_non_finite_samples_count_as_misses(tool) -> None:
 
 
 def test_a_non_finite_loss_is_recorded_as_unstable(tool, monkeypatch) -> None:
-    s = tool.Settings(steps=5, T=100, n_train=64, n_eval=32, n_bound=8, n_samples=16)
-    make_model = tool.make_model
+    s = tool.Table2Settings(steps=5, T=100, n_train=64, n_eval=32, n_bound=8, n_samples=16)
+    make_mlp = tool.make_mlp
 
     def broken(var_type, settings, seed):
-        model = make_model(var_type, settings, seed)
+        model = make_mlp(var_type, settings, seed)
         with torch.no_grad():
             model.net[-1].bias.fill_(float("nan"))
         return model
 
-    monkeypatch.setattr(tool, "make_model", broken)
+    monkeypatch.setattr(tool, "make_mlp", broken)
     mix = tool.make_mixture(s)
     train, held_out = tool.make_data(mix, s)
-    result, samples = tool.run_config("eps", "fixed_large", "simple", mix, train, held_out, s, seed=0)
+    result, samples = tool.run_row("eps", "fixed_large", "simple", mix, train, held_out, s, seed=0)
     assert result["status"] == "unstable" and "non-finite loss at step 0" in result["failure"]
     assert samples is None and "metrics" not in result
     summary = tool.summarize([result])
@@ -80,4 +80,4 @@ def test_the_command_writes_every_configuration_and_is_deterministic(tool, tmp_p
             assert ra["status"] == "stable" and ra["steps_done"] == 6
             assert ra["loss_windows"] == rb["loss_windows"] and ra["metrics"] == rb["metrics"]
         assert len(ca["samples"]) == 16 and ca["samples"] == cb["samples"]
-    assert a["settings"]["T"] == 100 and a["command"].startswith("python -m ddpm_lib.ablation --steps 6")
+    assert a["settings"]["T"] == 100 and a["command"].startswith("python -m ddpm_lib.studies.table2 --steps 6")

@@ -1,10 +1,10 @@
-"""Beyond the paper at small scale: ``python -m ddpm_lib.beyond``.
+"""Beyond the paper at small scale: ``python -m ddpm_lib.studies.beyond``.
 
 The paper's conclusion names what DDPM leaves open: sampling is slow (1000 network calls per image),
 the forward process is fixed, the likelihood is weak, and there is no conditioning. This module
 measures, on the book's 8×8 digits and on a CPU, how three later ideas answer those limits. Its
-results ship as ``ddpm_lib/weights/beyond_small.json``, which the chapter ``book/beyond.ipynb`` loads
-(``load_results``) and partly recomputes.
+results ship as ``ddpm_lib/studies/beyond_small.json``, which the chapter ``book/beyond.ipynb`` loads
+(``studies.load_results("beyond")``) and partly recomputes.
 
 **The quality measure** (``mmd_digits``). FID needs the Inception network and 32×32 colour images, and
 with a few hundred samples it is biased by an amount that depends on their number. On 8×8 digits this
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import sys
 import time
@@ -56,15 +55,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .ablation import machine_note, to_json, train_run
-from .data import load_digits, to_model_range
-from .diffusion import GaussianDiffusion
-from .pretrained import WEIGHTS_DIR, load_book_model
-from .samplers import generate
-from .schedules import make_beta_schedule
-from .unet import UNet
+from ..data import load_digits, to_model_range
+from ..diffusion import GaussianDiffusion
+from ..generation import generate
+from ..loading import WEIGHTS_DIR, load_book_model
+from ..schedules import make_beta_schedule
+from ..train import fit
+from ..unet import UNet
+from . import load_results, machine_note, results_path, to_json
 
-DEFAULT_OUT = WEIGHTS_DIR / "beyond_small.json"
+DEFAULT_OUT = results_path("beyond")
 PARTS = ("sampling", "guidance", "likelihood")
 
 # The likelihood study's variants: (label, schedule, mean_type, var_type, loss_type).
@@ -77,7 +77,7 @@ VARIANTS: list[tuple[str, str, str, str, str]] = [
 
 
 @dataclass
-class Settings:
+class BeyondSettings:
     """Everything the three parts depend on."""
 
     # the classifier behind mmd_digits, accuracy and confidence
@@ -142,7 +142,7 @@ def pixels(images: Tensor | np.ndarray) -> Tensor:
     return x.reshape(len(x), 64).float() / 255
 
 
-def train_classifier(s: Settings) -> DigitClassifier:
+def train_classifier(s: BeyondSettings) -> DigitClassifier:
     """Adam on cross-entropy, minibatches of the 1,500 training digits, seeded; returns it in eval mode."""
     train = load_digits("train")
     x, y = pixels(train.images), train.labels
@@ -217,14 +217,14 @@ def keep_images(images: Tensor | np.ndarray, n: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- part 1: DDIM against Algorithm 2
 
 
-def sampler_runs(s: Settings, T: int) -> list[tuple[str, int, float]]:
+def sampler_runs(s: BeyondSettings, T: int) -> list[tuple[str, int, float]]:
     """(sampler, steps, η) of the sampling part, in the order they run."""
     runs = [("ddim", S, float(eta)) for eta in s.ddim_etas for S in s.ddim_steps
             if S <= T and (eta == 0 or S <= s.eta1_max_steps)]
     return runs + ([("ddpm", T, 0.0)] if s.ddpm else [])
 
 
-def run_sampling(s: Settings, clf: DigitClassifier, log=print) -> dict:
+def run_sampling(s: BeyondSettings, clf: DigitClassifier, log=print) -> dict:
     book = load_book_model()
     reference, _ = reference_digits()
     T = book.diffusion.num_timesteps
@@ -258,7 +258,7 @@ def run_sampling(s: Settings, clf: DigitClassifier, log=print) -> dict:
 # --------------------------------------------------------------------------- part 2: classifier-free guidance
 
 
-def run_guidance(s: Settings, clf: DigitClassifier, log=print) -> dict:
+def run_guidance(s: BeyondSettings, clf: DigitClassifier, log=print) -> dict:
     book = load_book_model(name="digits_cond")
     reference, ref_labels = reference_digits()
     labels = torch.arange(s.guidance_n) % 10
@@ -299,7 +299,7 @@ def run_guidance(s: Settings, clf: DigitClassifier, log=print) -> dict:
 # --------------------------------------------------------------------------- part 3: schedules and variances
 
 
-def make_model(var_type: str, s: Settings) -> UNet:
+def make_small_unet(var_type: str, s: BeyondSettings) -> UNet:
     """The paper's UNet made small for 8×8 digits: 16 channels, multipliers (1, 2), one residual block per
     resolution, no attention, no dropout; 2 output channels (mean part, then v) when Σ is learned."""
     torch.manual_seed(s.seed)
@@ -313,7 +313,7 @@ def training_data() -> tuple[Tensor, Tensor]:
     return to_model_range(load_digits("train").images), to_model_range(load_digits("test").images)
 
 
-def bound(diffusion: GaussianDiffusion, model: nn.Module, x0: Tensor, s: Settings) -> dict:
+def bound(diffusion: GaussianDiffusion, model: nn.Module, x0: Tensor, s: BeyondSettings) -> dict:
     """Eq. 5 in bits/dim on x0, with the study's fixed x_t draws: mean, standard error, its parts, and
     the per-example totals and per-t means (for paired comparisons and the chapter's figure)."""
     b = diffusion.vlb_bpd(model, x0, generator=torch.Generator().manual_seed(s.bound_seed))
@@ -324,13 +324,14 @@ def bound(diffusion: GaussianDiffusion, model: nn.Module, x0: Tensor, s: Setting
             "per_t": [float(f"{v:.6g}") for v in b["terms"].mean(0)]}
 
 
-def run_variant(schedule: str, mean_type: str, var_type: str, loss_type: str, s: Settings,
+def run_variant(schedule: str, mean_type: str, var_type: str, loss_type: str, s: BeyondSettings,
                 train: Tensor, held_out: Tensor) -> dict:
-    """Train one variant (``ablation.train_run``: Adam, warm-up, clipping, EMA) and score its EMA weights."""
+    """Train one variant (``train.fit``: Adam, warm-up, clipping, EMA) and score its EMA weights."""
     t0 = time.perf_counter()
     betas = make_beta_schedule(schedule, s.T)
     diffusion = GaussianDiffusion(betas, mean_type, var_type, loss_type)
-    run = train_run(diffusion, make_model(var_type, s), train, s, s.seed)
+    run = fit(diffusion, make_small_unet(var_type, s), train, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+              warmup=s.warmup, grad_clip=s.grad_clip, ema_decay=s.ema_decay, seed=s.seed, loss_window=s.loss_window)
     result = {"steps_done": run["steps_done"], "failure": run["failure"], "loss_windows": run["loss_windows"],
               "bound": {}}
     if run["failure"] is None:
@@ -342,7 +343,7 @@ def run_variant(schedule: str, mean_type: str, var_type: str, loss_type: str, s:
     return result
 
 
-def run_likelihood(s: Settings, log=print) -> dict:
+def run_likelihood(s: BeyondSettings, log=print) -> dict:
     train, held_out = training_data()
     rows = []
     for label, schedule, mean_type, var_type, loss_type in VARIANTS:
@@ -351,7 +352,7 @@ def run_likelihood(s: Settings, log=print) -> dict:
                      "loss_type": loss_type, **r})
         log(f"{label:32s} {r['seconds']:5.0f} s  " + "  ".join(
             f"{v}: {b['bpd']:.3f} ± {b['se']:.3f} bits/dim" for v, b in r["bound"].items()))
-    return {"parameters": {v: sum(p.numel() for p in make_model(v, s).parameters())
+    return {"parameters": {v: sum(p.numel() for p in make_small_unet(v, s).parameters())
                            for v in ("fixed_large", "learned_range")},
             "n_train": len(train), "variants": rows}
 
@@ -359,7 +360,7 @@ def run_likelihood(s: Settings, log=print) -> dict:
 # --------------------------------------------------------------------------- the whole study
 
 
-def run_all(s: Settings, parts: tuple[str, ...] = PARTS, log=print) -> dict:
+def run_all(s: BeyondSettings, parts: tuple[str, ...] = PARTS, log=print) -> dict:
     """The chosen parts; the dict that ``main`` writes as JSON (with ``seconds`` per part)."""
     out: dict = {}
     clf = None
@@ -382,17 +383,12 @@ def run_all(s: Settings, parts: tuple[str, ...] = PARTS, log=print) -> dict:
     return out
 
 
-def load_results(path: str | Path = DEFAULT_OUT) -> dict:
-    """The stored results (by default the shipped ``weights/beyond_small.json``)."""
-    return json.loads(Path(path).read_text(encoding="utf8"))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="parts to (re)run; the others are kept from --out when it exists")
-    d = Settings()
+    d = BeyondSettings()
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per variant (likelihood)")
     p.add_argument("--T", type=int, default=d.T, help="timesteps of the likelihood study (the paper: 1000)")
     p.add_argument("--n-bound", type=int, default=d.n_bound, help="held-out digits for the bound")
@@ -404,17 +400,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-steps", type=int, default=d.guidance_steps, help="DDIM steps when guiding")
     p.add_argument("--clf-steps", type=int, default=d.clf_steps, help="classifier training steps")
     args = p.parse_args(argv)
-    s = Settings(steps=args.steps, T=args.T, n_bound=args.n_bound, n_samples=args.n_samples, n_long=args.n_long,
+    s = BeyondSettings(steps=args.steps, T=args.T, n_bound=args.n_bound, n_samples=args.n_samples, n_long=args.n_long,
                  ddim_steps=args.ddim_steps, ddpm=not args.no_ddpm, guidance_n=args.guidance_n,
                  guidance_steps=args.guidance_steps, clf_steps=args.clf_steps)
     torch.set_num_threads(1)  # one thread: reductions add up in the same order on every run
-    command = " ".join(["python -m ddpm_lib.beyond", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m ddpm_lib.studies.beyond", *(sys.argv[1:] if argv is None else argv)])
     # rerunning some parts keeps the others of --out (their settings must not have changed)
-    result: dict = load_results(args.out) if args.out.is_file() and set(args.parts) != set(PARTS) else {}
+    result: dict = load_results("beyond", args.out) if args.out.is_file() and set(args.parts) != set(PARTS) else {}
     new = run_all(s, tuple(args.parts), log=lambda line: print(line, flush=True))
     result.update(new)
     result["description"] = ("Beyond DDPM at small scale: DDIM, classifier-free guidance, schedules and learned "
-                             "variances on scikit-learn's 8×8 digits, CPU. Written by ddpm_lib/beyond.py; "
+                             "variances on scikit-learn's 8×8 digits, CPU. Written by ddpm_lib/studies/beyond.py; "
                              "see its docstring.")
     result["settings"] = asdict(s)
     result.setdefault("commands", {}).update({part: command for part in args.parts})

@@ -1,4 +1,4 @@
-"""Table 2 of the paper at small scale: ``python -m ddpm_lib.ablation``.
+"""Table 2 of the paper at small scale: ``python -m ddpm_lib.studies.table2``.
 
 The paper's ablation (Ho et al. 2020, §4.2, Table 2) trains its CIFAR10 model with three choices of
 what the network predicts and how it is trained: the posterior mean μ̃ or the noise ε, with the
@@ -29,19 +29,15 @@ where CIFAR10 needs an Inception network:
   far away), so they count as misses.
 
 A non-finite loss or gradient norm stops a run and records it as ``"unstable"``, the paper's "–".
-Results go to ``ddpm_lib/weights/table2_small.json`` (shipped with the package, so Colab has it too),
-which the chapter ``book/eps.ipynb`` loads with ``load_results()``.
+Results go to ``ddpm_lib/studies/table2_small.json`` (shipped with the package, so Colab has it too),
+which the chapter ``book/eps.ipynb`` loads with ``studies.load_results("table2")``.
 Single-threaded and seeded: a rerun on the same machine and PyTorch gives the same numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import math
-import platform
-import re
 import statistics
 import sys
 import time
@@ -51,15 +47,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .diffusion import GaussianDiffusion
-from .schedules import make_beta_schedule
-from .toy import GaussianMixture2D, MLPDenoiser, discretized_gaussian
-from .train import ema_update_, learning_rate
+from ..diffusion import GaussianDiffusion
+from ..samplers import sample_loop
+from ..schedules import make_beta_schedule
+from ..toy import GaussianMixture2D, MLPDenoiser, discretized_gaussian
+from ..train import fit
+from . import machine_note, results_path, to_json
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "weights" / "table2_small.json"
+DEFAULT_OUT = results_path("table2")
 
 # Table 2's rows: (label, mean_type, var_type, loss_type, the paper's IS, the paper's FID); None is "–".
-CONFIGS: list[tuple[str, str, str, str, float | None, float | None]] = [
+ROWS: list[tuple[str, str, str, str, float | None, float | None]] = [
     ("μ̃, L, learned diagonal Σ", "mu", "learned", "vlb", 7.28, 23.69),
     ("μ̃, L, fixed isotropic Σ", "mu", "fixed_large", "vlb", 8.06, 13.22),
     ("μ̃, ‖μ̃ − μ̃_θ‖²", "mu", "fixed_large", "simple", None, None),
@@ -71,7 +69,7 @@ SUMMARY_METRICS = ("nll_bound_bpd", "mmd2", "near_mode", "escaped")
 
 
 @dataclass
-class Settings:
+class Table2Settings:
     """Everything a run depends on; the same for all six configurations."""
 
     T: int = 1000                # the paper's linear schedule, β 1e-4 → 0.02
@@ -105,11 +103,11 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
 
 
-def make_mixture(s: Settings) -> GaussianMixture2D:
+def make_mixture(s: Table2Settings) -> GaussianMixture2D:
     return GaussianMixture2D.ring(k=s.ring_k, radius=s.ring_radius, std=s.ring_std)
 
 
-def make_data(mix: GaussianMixture2D, s: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(mix: GaussianMixture2D, s: Table2Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out points [N, 2], float32 on the 256-level grid, from separate seeds."""
     train = quantize(mix.sample(s.n_train, torch.Generator().manual_seed(s.data_seed + 100))).float()
     held_out = quantize(mix.sample(s.n_eval, torch.Generator().manual_seed(s.data_seed + 200))).float()
@@ -148,7 +146,7 @@ def mmd2_to_mixture(mix: GaussianMixture2D, x: torch.Tensor, width: float) -> fl
     return float(xx - 2 * xy + yy)
 
 
-def sample_metrics(mix: GaussianMixture2D, x: torch.Tensor, s: Settings) -> dict[str, float]:
+def sample_metrics(mix: GaussianMixture2D, x: torch.Tensor, s: Table2Settings) -> dict[str, float]:
     """Sample quality of points x [N, 2] against the true mixture (see the module docstring)."""
     x = x.double()
     finite = torch.isfinite(x).all(1)
@@ -170,7 +168,7 @@ def sample_metrics(mix: GaussianMixture2D, x: torch.Tensor, s: Settings) -> dict
 # --------------------------------------------------------------------------- the model and one run
 
 
-def make_model(var_type: str, s: Settings, seed: int) -> nn.Module:
+def make_mlp(var_type: str, s: Table2Settings, seed: int) -> nn.Module:
     """``MLPDenoiser`` for 2-D data; with a learned Σ its last layer outputs 4 numbers (2C channels,
     the mean part first, as ``GaussianDiffusion`` expects): the predicted mean and a log-variance."""
     torch.manual_seed(seed)
@@ -180,47 +178,15 @@ def make_model(var_type: str, s: Settings, seed: int) -> nn.Module:
     return model
 
 
-def train_run(diffusion: GaussianDiffusion, model: nn.Module, data: torch.Tensor, s: Settings,
-              seed: int) -> dict:
-    """Algorithm 1 with Adam, warm-up, grad-norm clipping and an EMA of the weights; stops at the
-    first non-finite loss or gradient norm. Returns the EMA model, how many steps were done, why it
-    stopped early (``failure``, or None) and the loss means over windows of ``loss_window`` steps."""
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-    gen = torch.Generator().manual_seed(seed + 1)  # batches, t and ε: the same in every configuration
-    losses: list[float] = []
-    failure = None
-    for step in range(s.steps):
-        x0 = data[torch.randint(len(data), (s.batch_size,), generator=gen)]
-        loss = diffusion.training_losses(model, x0, generator=gen).mean()
-        if not torch.isfinite(loss):
-            failure = f"non-finite loss at step {step}"
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        if not torch.isfinite(grad_norm):
-            failure = f"non-finite gradient norm at step {step}"
-            break
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, s.lr, s.warmup)
-        opt.step()
-        ema_update_(ema, model, s.ema_decay)
-        losses.append(loss.item())
-    w = s.loss_window
-    windows = [sum(losses[i:i + w]) / len(losses[i:i + w]) for i in range(0, len(losses), w)]
-    return {"ema": ema.eval(), "steps_done": len(losses), "failure": failure, "loss_windows": windows}
-
-
 @torch.no_grad()
-def evaluate(diffusion: GaussianDiffusion, model: nn.Module, mix: GaussianMixture2D, held_out: torch.Tensor,
-             s: Settings) -> tuple[dict, torch.Tensor]:
+def score_run(diffusion: GaussianDiffusion, model: nn.Module, mix: GaussianMixture2D, held_out: torch.Tensor,
+             s: Table2Settings) -> tuple[dict, torch.Tensor]:
     """The bound on held-out points and the quality of Algorithm 2's samples → (metrics, samples)."""
     bound = diffusion.vlb_bpd(model, held_out[: s.n_bound],
                               generator=torch.Generator().manual_seed(s.data_seed + 300))
     total = bound["total"]
-    samples = diffusion.p_sample_loop(model, (s.n_samples, 2),
-                                      generator=torch.Generator().manual_seed(s.data_seed + 400))
+    samples = sample_loop(diffusion, model, (s.n_samples, 2),
+                          generator=torch.Generator().manual_seed(s.data_seed + 400))
     metrics = {
         "nll_bound_bpd": float(total.mean()),
         "nll_bound_se": float(total.std() / math.sqrt(len(total))),
@@ -232,17 +198,18 @@ def evaluate(diffusion: GaussianDiffusion, model: nn.Module, mix: GaussianMixtur
     return metrics, samples
 
 
-def run_config(mean_type: str, var_type: str, loss_type: str, mix: GaussianMixture2D, train: torch.Tensor,
-               held_out: torch.Tensor, s: Settings, seed: int) -> tuple[dict, torch.Tensor | None]:
+def run_row(mean_type: str, var_type: str, loss_type: str, mix: GaussianMixture2D, train: torch.Tensor,
+               held_out: torch.Tensor, s: Table2Settings, seed: int) -> tuple[dict, torch.Tensor | None]:
     """Train and measure one row of Table 2 from one seed → (result, samples or None)."""
     start = time.perf_counter()
     diffusion = GaussianDiffusion(make_beta_schedule("linear", s.T), mean_type, var_type, loss_type)
-    run = train_run(diffusion, make_model(var_type, s, seed), train, s, seed)
+    run = fit(diffusion, make_mlp(var_type, s, seed), train, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+              warmup=s.warmup, grad_clip=s.grad_clip, ema_decay=s.ema_decay, seed=seed, loss_window=s.loss_window)
     result = {"seed": seed, "status": "stable" if run["failure"] is None else "unstable",
               "failure": run["failure"], "steps_done": run["steps_done"], "loss_windows": run["loss_windows"]}
     samples = None
     if run["failure"] is None:
-        result["metrics"], samples = evaluate(diffusion, run["ema"], mix, held_out, s)
+        result["metrics"], samples = score_run(diffusion, run["ema"], mix, held_out, s)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result, samples
 
@@ -259,29 +226,16 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def machine_note() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu} ({torch.get_num_threads()} thread), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {platform.system()}")
-
-
-def run_all(s: Settings, configs: list[tuple] = CONFIGS, log=print) -> dict:
+def run_all(s: Table2Settings, rows: list[tuple] = ROWS, log=print) -> dict:
     """Every configuration from every seed; the result that ``main`` writes as JSON."""
     start = time.perf_counter()
     mix = make_mixture(s)
     train, held_out = make_data(mix, s)
-    rows = []
-    for label, mean_type, var_type, loss_type, paper_is, paper_fid in configs:
+    out = []
+    for label, mean_type, var_type, loss_type, paper_is, paper_fid in rows:
         runs, kept = [], None
         for seed in s.seeds:
-            result, samples = run_config(mean_type, var_type, loss_type, mix, train, held_out, s, seed)
+            result, samples = run_row(mean_type, var_type, loss_type, mix, train, held_out, s, seed)
             runs.append(result)
             if kept is None and samples is not None:
                 kept = [[round(v, 3) if math.isfinite(v) else None for v in p] for p in samples[: s.n_keep].tolist()]
@@ -289,53 +243,39 @@ def run_all(s: Settings, configs: list[tuple] = CONFIGS, log=print) -> dict:
             log(f"{label:28s} seed {seed}: {result['status']:8s} {result['seconds']:5.1f} s"
                 + (f"  bound {m['nll_bound_bpd']:.3f}  MMD² {m['mmd2']:.4f}  near {m['near_mode']:.3f}"
                    f"  escaped {m['escaped']}" if m else f"  ({result['failure']})"))
-        rows.append({"label": label, "mean_type": mean_type, "var_type": var_type, "loss_type": loss_type,
+        out.append({"label": label, "mean_type": mean_type, "var_type": var_type, "loss_type": loss_type,
                      "paper": {"IS": paper_is, "FID": paper_fid}, "summary": summarize(runs), "runs": runs,
                      "samples": kept})
     return {
         "description": "Table 2 of Ho et al. (2020) at small scale: the 2-D ring of 8 Gaussians on the 256-level "
-                       "grid, MLPDenoiser, CPU. Written by tools/table2_small.py; see its docstring.",
+                       "grid, MLPDenoiser, CPU. Written by ddpm_lib/studies/table2.py; see its docstring.",
         "settings": asdict(s),
         "reference": {
             "exact_nll_bpd": exact_nll_bits(mix),
             "held_out": sample_metrics(mix, held_out, s),
-            "parameters": {v: sum(p.numel() for p in make_model(v, s, 0).parameters())
+            "parameters": {v: sum(p.numel() for p in make_mlp(v, s, 0).parameters())
                            for v in ("fixed_large", "learned")},
         },
-        "configs": rows,
+        "configs": out,
         "total_seconds": round(time.perf_counter() - start, 1),
         "machine": machine_note(),
     }
 
 
-def to_json(obj) -> str:
-    """JSON with one key per line, but every list of numbers (and list of such lists) on one line."""
-    text = json.dumps(obj, indent=1, ensure_ascii=False)
-    flat = re.compile(r"\[\s*([^\[\]{}]*?)\s*\]")  # a list holding no list or object
-    text = flat.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
-    nested = re.compile(r"\[\s*((?:\[[^\[\]{}]*\],?\s*)+)\]")  # a list of such lists
-    return nested.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text) + "\n"
-
-
-def load_results(path: str | Path = DEFAULT_OUT) -> dict:
-    """The stored results of ``run_all`` (by default the shipped ``weights/table2_small.json``)."""
-    return json.loads(Path(path).read_text(encoding="utf8"))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
-    d = Settings()
+    d = Table2Settings()
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds, help="training seeds")
     p.add_argument("--T", type=int, default=d.T, help="number of timesteps (the paper: 1000)")
     p.add_argument("--n-bound", type=int, default=d.n_bound, help="held-out points for the bound")
     p.add_argument("--n-samples", type=int, default=d.n_samples, help="samples per run")
     args = p.parse_args(argv)
-    s = Settings(steps=args.steps, seeds=args.seeds, T=args.T, n_bound=args.n_bound, n_samples=args.n_samples)
+    s = Table2Settings(steps=args.steps, seeds=args.seeds, T=args.T, n_bound=args.n_bound, n_samples=args.n_samples)
     torch.set_num_threads(1)  # one thread: reductions add up in the same order on every run
     result = run_all(s, log=lambda line: print(line, flush=True))
-    result["command"] = " ".join(["python -m ddpm_lib.ablation", *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = " ".join(["python -m ddpm_lib.studies.table2", *(sys.argv[1:] if argv is None else argv)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(to_json(result), encoding="utf8")
     print(f"wrote {args.out} in {result['total_seconds']:.0f} s")
