@@ -291,7 +291,7 @@ class GaussianDiffusion:
         self._check_output(out, x_t)
         C = x_t.shape[1]
         out = out.to(x_t.dtype)
-        net, var_out = out[:, :C], out[:, C:]
+        pred, var_out = out[:, :C], out[:, C:]  # the mean part (ε, x_0, μ̃ or v) and, if learned, Σ's part
         if self.var_type == "learned":  # Table 2's learned diagonal Σ: the network outputs log σ²
             log_var = var_out
         elif self.var_type == "learned_range":  # Nichol & Dhariwal eq. 15
@@ -299,20 +299,20 @@ class GaussianDiffusion:
         else:  # σ_t² = β_t or β̃_t (§3.2); index 0 takes β̃_2
             log_var = self._extract(f"log_var_{self.var_type}", t, x_t).expand_as(x_t)
         if self.mean_type == "eps":
-            x0 = self.predict_x0_from_eps(x_t, t, net)  # eq. 15
+            x0 = self.predict_x0_from_eps(x_t, t, pred)  # eq. 15
         elif self.mean_type == "v":
-            x0 = self.predict_x0_from_v(x_t, t, net)  # Salimans & Ho §4
+            x0 = self.predict_x0_from_v(x_t, t, pred)  # Salimans & Ho §4
         elif self.mean_type == "mu":
-            x0 = self.predict_x0_from_mean(x_t, t, net)  # eq. 7 solved for x_0
+            x0 = self.predict_x0_from_mean(x_t, t, pred)  # eq. 7 solved for x_0
         else:
-            x0 = net
+            x0 = pred  # the network predicts x_0
         if clip_denoised:  # the official code's clip (module docstring)
             x0 = x0.clamp(-1.0, 1.0)
         if self.mean_type == "mu":
-            mean = net  # a predicted mean is used as it is (the official code does not clip it)
+            mean = pred  # a predicted mean is used as it is (the official code does not clip it)
         else:
-            mean = self._extract("coef_x0", t, x_t) * x0 + self._extract("coef_xt", t, x_t) * x_t  # eq. 7
-        eps = net if self.mean_type == "eps" else self.predict_eps_from_x0(x_t, t, x0)  # eq. 4 solved for ε
+            mean = self.q_posterior(x0, x_t, t)[0]  # eq. 7: μ̃_t(x_t, x̂_0); eq. 11 for ε when unclipped
+        eps = pred if self.mean_type == "eps" else self.predict_eps_from_x0(x_t, t, x0)  # eq. 4 solved for ε
         return {"mean": mean, "variance": torch.exp(log_var), "log_variance": log_var,
                 "pred_x0": x0, "pred_eps": eps}
 
@@ -431,7 +431,8 @@ class GaussianDiffusion:
         z is ``noise`` when given, else drawn from ``generator`` (also at index 0, where it is not used,
         so that every step draws the same amount). The whole loop is ``samplers.sample_loop``.
         """
-        p = self.p_mean_variance(model, x_t, t, clip_denoised)  # μ_θ (eqs. 11, 15, 7) and σ_t² (§3.2)
+        self._check_t(t, x_t.shape[0])
+        p = self.p_mean_variance_from_output(model(x_t, t), x_t, t, clip_denoised)  # eq. 1: μ_θ and σ_t²
         z = noise.to(x_t) if noise is not None else self._randn(x_t.shape, x_t, generator)  # line 3
         nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))  # z = 0 at t = 1
         sample = p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * z  # line 4

@@ -38,6 +38,13 @@ from .loading import load_for_sampling
 PAPER_N_SAMPLES = 50_000
 DEFAULT_REFERENCES = (("cifar10", "train"), ("cifar10", "test"))
 METRICS = ("fid", "is", "nll", "rd")
+BOUND_ABOUT = ("the bound L of eq. 5 in bits/dim (Table 1's NLL; the paper: ≤ 3.75 on CIFAR10 test), one x_t draw "
+               "per image and t; nll_sem is the standard error over images; terms_bpd[i] is L_0 at i = 0 and "
+               "L_{t-1} at t = i + 1 otherwise; x0_mse on the [-1, 1] scale")
+RD_ABOUT = ("§4.3: rate[i] = bits/dim received when holding x_t (t = i + 1) = prior + sum of terms after i; "
+            "distortion_rmse[i] = RMSE of x0_hat(x_t) on the 0-255 scale; remaining_bpd[i] = total - rate[i]. "
+            "rate_bpd = rate[0] (paper 1.78), distortion_bpd = L_0 (paper 1.97), rmse = distortion_rmse[0] "
+            "(paper 0.95)")
 
 # --------------------------------------------------------------------------- sample quality
 
@@ -254,6 +261,65 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _wanted(metrics: Iterable[str] | None, samples, checkpoint) -> set[str]:
+    """The metrics to compute (default: fid + is with samples, nll + rd with a checkpoint), checked."""
+    wanted = set(metrics) if metrics is not None else (
+        ({"fid", "is"} if samples is not None else set()) | ({"nll", "rd"} if checkpoint is not None else set()))
+    unknown = wanted - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+    if not wanted:
+        raise ValueError("nothing to evaluate: give samples (for fid, is) and/or a checkpoint (for nll, rd)")
+    if wanted & {"fid", "is"} and samples is None:
+        raise ValueError("fid and is need samples (an .npz of uint8 images under 'images')")
+    if wanted & {"nll", "rd"} and checkpoint is None:
+        raise ValueError("nll and rd need a checkpoint")
+    return wanted
+
+
+def _quality_report(samples, wanted: set[str], references, extractor: M.FeatureExtractor, **kw) -> dict:
+    """The report's ``samples`` and ``sample_quality`` sections (FID against ``references``, IS)."""
+    images = load_samples(samples)
+    q = sample_quality(images, references if "fid" in wanted else (), extractor, inception_score="is" in wanted,
+                       **kw)
+    return {"samples": {"path": str(samples), "n": q["n"], "shape": list(images.shape)},
+            "sample_quality": q | {
+                "about": "FID (Heusel et al. 2017) between the samples' and each reference split's features; "
+                         "IS (Salimans et al. 2016) as mean ± std over splits. The paper: 50k samples, "
+                         "FID 3.17 against CIFAR10 train, 5.24 against test, IS 9.46 ± 0.11."}}
+
+
+def _bound_report(checkpoint, wanted: set[str], out_json: Path, dev: torch.device, *, data: str | None, split: str,
+                  max_images: int | None, batch_size: int, seed: int, cache_dir, download: bool,
+                  progress: bool) -> dict:
+    """The report's ``checkpoint``, ``bound`` and ``rate_distortion`` sections; the per-t arrays are saved
+    beside the report as ``<out_json stem>.bound.npz``."""
+    loaded = load_for_sampling(checkpoint, dev)
+    mc = loaded.config.model
+    data = data if data is not None else loaded.config.train.dataset
+    ds = bound_images(data, split, mc.image_size, mc.in_channels, cache_dir, download)
+    labels = ds.labels if mc.num_classes is not None else None
+    bound = dataset_nll(loaded.model, loaded.diffusion, ds, batch_size=batch_size, seed=seed, device=dev,
+                        max_images=max_images, progress=progress, labels=labels)
+    npz = bound.save(out_json.with_suffix(".bound.npz"))
+    conditioning = (None if mc.num_classes is None else "the images' class labels: a bound on -log p(x | y)"
+                    if labels is not None else "the null label (the model's unconditional half): the data "
+                    "has no labels")
+    out = {"checkpoint": {"path": str(checkpoint), "config": loaded.config.name, "step": loaded.step,
+                          "T": loaded.diffusion.num_timesteps},
+           "bound": {"data": ds.name, "split": split if data in NAMED_DATASETS else None,
+                     "seed": seed, "npz": str(npz), "conditioning": conditioning, **bound.summary(),
+                     "about": BOUND_ABOUT}}
+    if "nll" not in wanted:
+        for key in ("terms_bpd", "x0_mse"):
+            out["bound"].pop(key)
+    if "rd" in wanted:
+        rd = rate_distortion(bound)
+        out["rate_distortion"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in rd.items()} | {
+            "about": RD_ABOUT}
+    return out
+
+
 def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None = None,
              checkpoint: str | os.PathLike | None = None, metrics: Iterable[str] | None = None,
              references: Sequence[tuple[str, str]] = DEFAULT_REFERENCES, data: str | None = None,
@@ -283,17 +349,7 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
     With a checkpoint, the bound's per-t arrays are also saved next to the report as
     ``<out_json stem>.bound.npz`` (``BoundResult.save``).
     """
-    wanted = set(metrics) if metrics is not None else (
-        ({"fid", "is"} if samples is not None else set()) | ({"nll", "rd"} if checkpoint is not None else set()))
-    unknown = wanted - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
-    if not wanted:
-        raise ValueError("nothing to evaluate: give samples (for fid, is) and/or a checkpoint (for nll, rd)")
-    if wanted & {"fid", "is"} and samples is None:
-        raise ValueError("fid and is need samples (an .npz of uint8 images under 'images')")
-    if wanted & {"nll", "rd"} and checkpoint is None:
-        raise ValueError("nll and rd need a checkpoint")
+    wanted = _wanted(metrics, samples, checkpoint)
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     report: dict = {
@@ -301,52 +357,14 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(), "device": _device_name(dev), "metrics": [m for m in METRICS if m in wanted],
     }
-
     if wanted & {"fid", "is"}:
-        images = load_samples(samples)
-        if extractor is None:
-            extractor = M.InceptionV3(device=dev, download=download)
-        refs = references if "fid" in wanted else ()
-        q = sample_quality(images, refs, extractor, inception_score="is" in wanted, splits=splits,
-                           batch_size=batch_size, cache_dir=cache_dir, download=download, progress=progress)
-        report["samples"] = {"path": str(samples), "n": q["n"], "shape": list(images.shape)}
-        report["sample_quality"] = q | {
-            "about": "FID (Heusel et al. 2017) between the samples' and each reference split's features; "
-                     "IS (Salimans et al. 2016) as mean ± std over splits. The paper: 50k samples, "
-                     "FID 3.17 against CIFAR10 train, 5.24 against test, IS 9.46 ± 0.11."}
-
+        extractor = extractor if extractor is not None else M.InceptionV3(device=dev, download=download)
+        report |= _quality_report(samples, wanted, references, extractor, splits=splits, batch_size=batch_size,
+                                  cache_dir=cache_dir, download=download, progress=progress)
     if wanted & {"nll", "rd"}:
-        loaded = load_for_sampling(checkpoint, dev)
-        mc = loaded.config.model
-        data = data if data is not None else loaded.config.train.dataset
-        ds = bound_images(data, split, mc.image_size, mc.in_channels, cache_dir, download)
-        labels = ds.labels if mc.num_classes is not None else None
-        bound = dataset_nll(loaded.model, loaded.diffusion, ds, batch_size=batch_size, seed=seed, device=dev,
-                            max_images=max_images, progress=progress, labels=labels)
-        npz = bound.save(Path(out_json).with_suffix(".bound.npz"))
-        report["checkpoint"] = {"path": str(checkpoint), "config": loaded.config.name, "step": loaded.step,
-                                "T": loaded.diffusion.num_timesteps}
-        conditioning = (None if mc.num_classes is None else "the images' class labels: a bound on -log p(x | y)"
-                        if labels is not None else "the null label (the model's unconditional half): the data "
-                        "has no labels")
-        report["bound"] = {"data": ds.name, "split": split if data in NAMED_DATASETS else None,
-                           "seed": seed, "npz": str(npz), "conditioning": conditioning, **bound.summary(),
-                           "about": "the bound L of eq. 5 in bits/dim (Table 1's NLL; the paper: ≤ 3.75 on "
-                                    "CIFAR10 test), one x_t draw per image and t; nll_sem is the standard "
-                                    "error over images; terms_bpd[i] is L_0 at i = 0 and L_{t-1} at "
-                                    "t = i + 1 otherwise; x0_mse on the [-1, 1] scale"}
-        if "nll" not in wanted:
-            for key in ("terms_bpd", "x0_mse"):
-                report["bound"].pop(key)
-        if "rd" in wanted:
-            rd = rate_distortion(bound)
-            report["rate_distortion"] = {
-                k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in rd.items()} | {
-                "about": "§4.3: rate[i] = bits/dim received when holding x_t (t = i + 1) = prior + sum of terms "
-                         "after i; distortion_rmse[i] = RMSE of x0_hat(x_t) on the 0-255 scale; "
-                         "remaining_bpd[i] = total - rate[i]. rate_bpd = rate[0] (paper 1.78), "
-                         "distortion_bpd = L_0 (paper 1.97), rmse = distortion_rmse[0] (paper 0.95)"}
-
+        report |= _bound_report(checkpoint, wanted, Path(out_json), dev, data=data, split=split,
+                                max_images=max_images, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
+                                download=download, progress=progress)
     out = Path(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -144,6 +144,32 @@ class Level(nn.Module):
         self.resample = resample
 
 
+def _check_shape(image_size: int, num_levels: int, num_classes: int | None) -> None:
+    if image_size % 2 ** (num_levels - 1):
+        raise ValueError(f"image_size={image_size} cannot be halved {num_levels - 1} times")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes={num_classes!r} must be a positive integer, or None (unconditional)")
+
+
+def _up_levels(c: int, res: int, skip_chs: list[int], ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
+               attn_resolutions: tuple[int, ...], block: dict) -> tuple[nn.ModuleList, int]:
+    """The up path from the bottom level (``c`` channels at resolution ``res``): each block reads the
+    running map plus one popped skip. Returns the levels by index (0: full resolution) and the channels out."""
+    up = []
+    for level in reversed(range(len(ch_mult))):
+        out_ch = ch * ch_mult[level]
+        in_chs = []
+        for _ in range(num_res_blocks + 1):
+            in_chs.append(c + skip_chs.pop())
+            c = out_ch
+        resample = Upsample(out_ch) if level else None
+        up.append(Level(in_chs, out_ch, use_attn=res in attn_resolutions, resample=resample, **block))
+        res = res * 2 if level else res
+    assert not skip_chs, "every skip connection is used exactly once"
+    return nn.ModuleList(reversed(up)), c
+
+
 class UNet(nn.Module):
     """ε_θ(x_t, t) of App. B. Keyword arguments are the fields of ``configs.ModelConfig``.
 
@@ -167,11 +193,7 @@ class UNet(nn.Module):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         num_levels = len(ch_mult)
-        if image_size % 2 ** (num_levels - 1):
-            raise ValueError(f"image_size={image_size} cannot be halved {num_levels - 1} times")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes={num_classes!r} must be a positive integer, or None (unconditional)")
+        _check_shape(image_size, num_levels, num_classes)
         self.config = ModelConfig(
             image_size, in_channels, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions,
             dropout, num_groups, num_classes,
@@ -201,18 +223,7 @@ class UNet(nn.Module):
 
         # Up: built and run from the bottom level; each block's input is the running map plus one
         # popped skip. Stored by level index like ``down``: up[0] is the full resolution.
-        up = []
-        for level in reversed(range(num_levels)):
-            out_ch = ch * ch_mult[level]
-            in_chs = []
-            for _ in range(num_res_blocks + 1):
-                in_chs.append(c + skip_chs.pop())
-                c = out_ch
-            resample = Upsample(out_ch) if level else None
-            up.append(Level(in_chs, out_ch, use_attn=res in attn_resolutions, resample=resample, **block))
-            res = res * 2 if level else res
-        assert not skip_chs, "every skip connection is used exactly once"
-        self.up = nn.ModuleList(reversed(up))
+        self.up, c = _up_levels(c, res, skip_chs, ch, ch_mult, num_res_blocks, attn_resolutions, block)
 
         self.norm_out = group_norm(c, num_groups)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)

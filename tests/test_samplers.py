@@ -258,3 +258,23 @@ def test_generate_with_compile_matches_eager_and_records_it(tmp_path, monkeypatc
     (partial / "job.json").write_text(json.dumps(job))
     with pytest.raises(ValueError, match="compile"):
         generate(net, d, 3, sampler="ddim", steps=3, image_shape=shape, progress=False, out_path=tmp_path / "t.npz")
+
+
+def test_generate_leaves_the_callers_model_as_it_was():
+    """Sampling runs in eval mode (dropout off) but hands the model back in the modes it came in, with
+    its weights where they were."""
+    d = GaussianDiffusion(make_beta_schedule("linear", 30))
+    net = tiny_unet().train()
+    net.down[0].eval()  # a mix of modes, restored module by module
+    modes = [m.training for m in net.modules()]
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    generate(net, d, 2, sampler="ddim", steps=2, progress=False)
+    assert [m.training for m in net.modules()] == modes
+    assert all(torch.equal(weights[k], v) and v.device.type == "cpu" for k, v in net.state_dict().items())
+    dropout = UNet.from_config("tiny")  # tiny has no dropout: give it some, which eval mode must switch off
+    for m in dropout.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.5
+    dropout.train()
+    a = generate(dropout, d, 1, sampler="ddim", steps=2, progress=False)
+    assert torch.equal(a, generate(dropout, d, 1, sampler="ddim", steps=2, progress=False)) and dropout.training

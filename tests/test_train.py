@@ -256,3 +256,29 @@ def test_cuda_graph_training_marks_each_step(monkeypatch):
     train_step(state, images, 1)
     train_step(state, images, 2)
     assert calls == [1, 1]
+
+
+def test_training_leaves_the_callers_random_stream_and_backends_as_they_were(tmp_path, cifar_cache):
+    """The run seeds dropout and the initial weights from its own seed, and sets TF32 / cuDNN for itself:
+    the caller's global generator and settings are the same afterwards."""
+    from ddpm_lib import precision
+
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    before, backends = torch.get_rng_state(), (torch.backends.cudnn.benchmark, precision._get())
+    state = build_training_state(tiny(2), torch.device("cpu"))
+    train_step(state, images, 0)
+    train(tiny(2), tmp_path / "run", device="cpu", data_cache=cifar_cache, **QUIET)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert (torch.backends.cudnn.benchmark, precision._get()) == backends
+
+
+def test_training_backends_hold_for_the_run_only():
+    from ddpm_lib import precision
+
+    saved = (torch.backends.cudnn.benchmark, precision._get())
+    with precision.training_backends(torch.device("cuda"), "tf32"):  # flags only: no GPU is touched
+        assert torch.backends.cudnn.benchmark and precision._get() == precision._state_for("tf32")
+    assert (torch.backends.cudnn.benchmark, precision._get()) == saved
+    with precision.training_backends(torch.device("cpu"), "tf32"):  # the CPU has no TF32 and no cuDNN
+        assert torch.backends.cudnn.benchmark == saved[0]

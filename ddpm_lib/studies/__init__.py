@@ -6,8 +6,8 @@ as JSON beside its module.
 * ``beyond`` — DDIM steps, classifier-free guidance, schedules and learned variances on 8×8 digits
   (``python -m ddpm_lib.studies.beyond``), results ``beyond_small.json``, loaded by the closing chapter.
 
-``load_results(name)`` reads a study's shipped results; ``to_json`` and ``machine_note`` are how the
-studies write them.
+``load_results(name)`` reads a study's shipped results; ``write_results``, ``to_json`` and ``machine_note``
+are how the studies write them.
 """
 
 from __future__ import annotations
@@ -42,6 +42,14 @@ def to_json(obj) -> str:
     text = flat.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
     nested = re.compile(r"\[\s*((?:\[[^\[\]{}]*\],?\s*)+)\]")  # a list of such lists
     return nested.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text) + "\n"
+
+
+def write_results(path: str | Path, result: dict) -> Path:
+    """Write a study's results as ``to_json`` text (the folder is made if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(result), encoding="utf8")
+    return path
 
 
 def machine_note() -> str:

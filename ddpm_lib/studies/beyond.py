@@ -59,10 +59,11 @@ from ..data import load_digits, to_model_range
 from ..diffusion import GaussianDiffusion
 from ..generation import generate
 from ..loading import WEIGHTS_DIR, load_book_model
+from ..rng import global_seed
 from ..schedules import make_beta_schedule
 from ..train import fit
 from ..unet import UNet
-from . import load_results, machine_note, results_path, to_json
+from . import load_results, machine_note, results_path, write_results
 
 DEFAULT_OUT = results_path("beyond")
 PARTS = ("sampling", "guidance", "likelihood")
@@ -146,16 +147,16 @@ def train_classifier(s: BeyondSettings) -> DigitClassifier:
     """Adam on cross-entropy, minibatches of the 1,500 training digits, seeded; returns it in eval mode."""
     train = load_digits("train")
     x, y = pixels(train.images), train.labels
-    torch.manual_seed(s.clf_seed)
-    clf = DigitClassifier()
-    opt = torch.optim.Adam(clf.parameters(), lr=s.clf_lr, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(s.clf_seed + 1)
-    for _ in range(s.clf_steps):
-        idx = torch.randint(len(x), (s.clf_batch,), generator=gen)
-        loss = nn.functional.cross_entropy(clf(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with global_seed(s.clf_seed):  # the initial weights (and any dropout) from the seed alone
+        clf = DigitClassifier()
+        opt = torch.optim.Adam(clf.parameters(), lr=s.clf_lr, weight_decay=1e-4)
+        gen = torch.Generator().manual_seed(s.clf_seed + 1)
+        for _ in range(s.clf_steps):
+            idx = torch.randint(len(x), (s.clf_batch,), generator=gen)
+            loss = nn.functional.cross_entropy(clf(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return clf.eval().requires_grad_(False)
 
 
@@ -302,10 +303,10 @@ def run_guidance(s: BeyondSettings, clf: DigitClassifier, log=print) -> dict:
 def make_small_unet(var_type: str, s: BeyondSettings) -> UNet:
     """The paper's UNet made small for 8×8 digits: 16 channels, multipliers (1, 2), one residual block per
     resolution, no attention, no dropout; 2 output channels (mean part, then v) when Σ is learned."""
-    torch.manual_seed(s.seed)
     out = 2 if var_type in ("learned", "learned_range") else 1
-    return UNet(image_size=8, in_channels=1, out_channels=out, ch=s.ch, ch_mult=(1, 2), num_res_blocks=1,
-                attn_resolutions=(), dropout=0.0, num_groups=8)
+    with global_seed(s.seed):
+        return UNet(image_size=8, in_channels=1, out_channels=out, ch=s.ch, ch_mult=(1, 2), num_res_blocks=1,
+                    attn_resolutions=(), dropout=0.0, num_groups=8)
 
 
 def training_data() -> tuple[Tensor, Tensor]:
@@ -417,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"] = machine_note()
     result["total_seconds"] = round(sum(result[k]["seconds"] for k in PARTS if k in result)
                                     + result.get("classifier", {}).get("seconds", 0), 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(to_json(result), encoding="utf8")
+    write_results(args.out, result)
     print(f"wrote {args.out}: parts {', '.join(args.parts)} in {sum(new[k]['seconds'] for k in args.parts):.0f} s")
     return 0
 

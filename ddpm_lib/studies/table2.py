@@ -48,11 +48,12 @@ import torch
 from torch import nn
 
 from ..diffusion import GaussianDiffusion
+from ..rng import global_seed
 from ..samplers import sample_loop
 from ..schedules import make_beta_schedule
 from ..toy import GaussianMixture2D, MLPDenoiser, discretized_gaussian
 from ..train import fit
-from . import machine_note, results_path, to_json
+from . import machine_note, results_path, write_results
 
 DEFAULT_OUT = results_path("table2")
 
@@ -171,10 +172,10 @@ def sample_metrics(mix: GaussianMixture2D, x: torch.Tensor, s: Table2Settings) -
 def make_mlp(var_type: str, s: Table2Settings, seed: int) -> nn.Module:
     """``MLPDenoiser`` for 2-D data; with a learned Σ its last layer outputs 4 numbers (2C channels,
     the mean part first, as ``GaussianDiffusion`` expects): the predicted mean and a log-variance."""
-    torch.manual_seed(seed)
-    model = MLPDenoiser(dim=2, hidden=s.hidden, depth=s.depth)
-    if var_type == "learned":
-        model.net[-1] = nn.Linear(s.hidden, 4)
+    with global_seed(seed):
+        model = MLPDenoiser(dim=2, hidden=s.hidden, depth=s.depth)
+        if var_type == "learned":
+            model.net[-1] = nn.Linear(s.hidden, 4)
     return model
 
 
@@ -276,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # one thread: reductions add up in the same order on every run
     result = run_all(s, log=lambda line: print(line, flush=True))
     result["command"] = " ".join(["python -m ddpm_lib.studies.table2", *(sys.argv[1:] if argv is None else argv)])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(to_json(result), encoding="utf8")
+    write_results(args.out, result)
     print(f"wrote {args.out} in {result['total_seconds']:.0f} s")
     return 0
 
