@@ -23,6 +23,13 @@ def test_mmd_digits_is_near_zero_between_halves_of_one_set_and_grows_with_a_shif
     assert abs(halves) < 0.01 < beyond.mmd_digits(clf, darker[perm[:148]], ref[perm[148:]])
 
 
+def test_stored_images_are_the_kept_ones() -> None:
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    kept = beyond.keep_images(images, 2)
+    assert len(kept) == 2 and torch.equal(beyond.stored_images(kept), images[:2])
+    assert torch.equal(beyond.stored_images(beyond.keep_images(images.permute(0, 2, 3, 1), 3)), images)
+
+
 def test_within_class_distance_is_zero_for_copies_and_the_rms_pixel_difference_otherwise() -> None:
     images = torch.zeros(20, 1, 8, 8, dtype=torch.uint8)
     labels = torch.arange(20) % 10

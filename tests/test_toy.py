@@ -31,8 +31,11 @@ def test_optimal_eps_minimizes_l_simple():
         assert worse > best
 
 
-def test_mlp_denoiser_shapes_and_argument_checks():
+def test_mlp_denoiser_maps_points_and_timesteps_to_points():
     net = MLPDenoiser()
     assert net(torch.zeros(4, 2), torch.tensor([0, 1, 2, 999])).shape == (4, 2)
+
+
+def test_a_mixture_needs_2_d_means():
     with pytest.raises(ValueError, match="means"):
         GaussianMixture2D(torch.zeros(3), 0.1)

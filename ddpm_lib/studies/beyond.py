@@ -215,6 +215,11 @@ def keep_images(images: Tensor | np.ndarray, n: int) -> list[list[int]]:
     return [[int(v) for v in img] for img in pixels(images[:n]).mul(255).round().to(torch.int64).tolist()]
 
 
+def stored_images(images: list[list[int]]) -> Tensor:
+    """The inverse of ``keep_images``: images kept in the JSON as uint8 [n, 1, 8, 8]."""
+    return torch.tensor(images, dtype=torch.uint8).reshape(-1, 1, 8, 8)
+
+
 # --------------------------------------------------------------------------- part 1: DDIM against Algorithm 2
 
 
