@@ -141,7 +141,8 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left_col
                caption: str | None = None, group_row: str = "") -> str:
     """An HTML table of strings (escaped): the first ``left_columns`` columns are labels, left-aligned and
     free to wrap; the others are numbers, right-aligned on one line. ``group_row`` is raw HTML for a row
-    of column groups above the header."""
+    of column groups above the header. The table scrolls sideways inside its own box when it is wider than
+    the page (a phone), instead of widening the page."""
     def row(values: Sequence[str], tag: str) -> str:
         cells = []
         for k, v in enumerate(values):
@@ -152,8 +153,8 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left_col
         return "<tr>" + "".join(cells) + "</tr>"
 
     head = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return ('<table style="font-size:0.85em">' + head + group_row + row(header, "th")
-            + "".join(row(r, "td") for r in rows) + "</table>")
+    return ('<div style="overflow-x:auto; max-width:100%"><table style="font-size:0.85em">' + head + group_row
+            + row(header, "th") + "".join(row(r, "td") for r in rows) + "</table></div>")
 
 
 # ---------------------------------------------------------------------------------- the scrubber

@@ -96,6 +96,18 @@ def test_static_scrubber_html_is_a_pure_function_of_its_frames() -> None:
         viz.scrubber_html(frames, labels[:2])
 
 
+def test_html_table_escapes_aligns_and_scrolls_inside_its_box() -> None:
+    from ddpm_lib import viz
+
+    page = viz.html_table(("objective", "FID"), [("ε, ‖ε − ε_θ‖² <simple>", "3.17")], caption="a & b")
+    assert page.startswith('<div style="overflow-x:auto') and page.endswith("</table></div>")
+    assert "&lt;simple&gt;" in page and "<caption>a &amp; b</caption>" in page
+    assert '<td style="padding:2px 5px; text-align:left">ε' in page  # a label: left, free to wrap
+    assert '<td style="padding:2px 5px; text-align:right; white-space:nowrap">3.17</td>' in page
+    two = viz.html_table(("a", "b", "c"), [("x", "y", "1")], left_columns=2)
+    assert '<td style="padding:2px 5px; text-align:left">y</td>' in two
+
+
 def test_scrubber_is_static_when_the_book_environment_asks(monkeypatch) -> None:
     from ddpm_lib import viz
 
