@@ -4,6 +4,7 @@ Time indices are 0-based throughout, as in the paper's official code: index i is
 t = i + 1 (so index 0 is the decoder step t = 1, and index T − 1 is t = T).
 """
 
+from .base import __version__ as __version__
 from .configs import Config, DiffusionConfig, ModelConfig, TrainConfig, get_config
 from .diffusion import GaussianDiffusion
 from .generation import generate, sample_images
@@ -35,4 +36,3 @@ __all__ = [
     "sample_loop",
     "train",
 ]
-__version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""What every layer of ddpm_lib shares: the model type, where a model lives, and argument checks.
+"""What every layer of ddpm_lib shares: the model type, where a model lives, argument checks, the version.
 
 A *model* is any callable ``model(x_t, t)`` mapping a batch x_t [B, C, H, W] and 0-based timestep
 indices t (LongTensor [B]) to a prediction of the same batch shape: an ``nn.Module`` such as
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
+__version__ = "0.1.0"  # the package's version, as pyproject.toml gives it
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .base import Model, model_device
+from .base import Model, __version__, model_device
 from .data import NAMED_DATASETS, ImageFolder, TensorImages, load_split, resize_images, to_model_range
 from .diffusion import GaussianDiffusion
 from .loading import load_for_sampling
@@ -249,8 +249,6 @@ def _device_name(device: torch.device) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from . import __version__
-
     out = {"ddpm_lib": __version__, "torch": torch.__version__, "numpy": np.__version__,
            "python": platform.python_version()}
     try:

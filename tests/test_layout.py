@@ -63,7 +63,10 @@ def imports(path: Path, known: set[str]) -> set[str]:
                 continue
             names = [f"{target}.{a.name}" if target else a.name for a in node.names]
             found = [n for n in names if n in known]  # ``from . import checkpoint``: the names are modules
-            out |= set(found) if found else ({target} if target in known else set())
+            if found:
+                out |= set(found)
+            elif target in known or not target:  # a name from a module, or from the package's face
+                out.add(target or "__init__")
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("ddpm_lib."):
@@ -148,3 +151,11 @@ def test_the_book_calls_the_library_for_its_helpers(notebook):
     assert "127.5" not in code, f"{notebook.name} scales pixels by hand: use data.to_model_range / data.to_uint8"
     assert "p_sample_loop" not in code and ".backward()" not in code, (
         f"{notebook.name} writes a sampling or training loop by hand: use samplers.sample_loop / train.fit")
+
+
+def test_the_version_is_the_one_pyproject_gives():
+    from ddpm_lib import __version__
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == __version__
