@@ -62,3 +62,44 @@ def test_decoder_is_finite_far_in_the_tails():
 def test_decoder_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shape"):
         discretized_gaussian_log_likelihood(torch.zeros(3), torch.zeros(4), torch.zeros(3))
+
+
+def _exact_log_bin(x: float, mean: float, std: float) -> float:
+    """log P(bin of x) under N(mean, std²), in 60-digit arithmetic (the reference for eq. 13)."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    sign = -1 if x > mean else 1  # integrate on the tail side (mpmath's tiny numbers keep their digits there)
+    z = lambda v: sign * (mpmath.mpf(v) - mean) / std  # noqa: E731
+    a = z(x - 1 / 255) if x > -0.999 else (mpmath.inf if sign < 0 else -mpmath.inf)
+    b = z(x + 1 / 255) if x < 0.999 else (-mpmath.inf if sign < 0 else mpmath.inf)
+    return float(mpmath.log(abs(mpmath.ncdf(b) - mpmath.ncdf(a))))
+
+
+@pytest.mark.parametrize("std", [0.0074, 0.02, 0.5])
+def test_decoder_is_the_exact_bin_probability_far_into_the_tails(std):
+    # The decoder's σ at t = 1 is about one bin (0.0074): bins 1 to 200 σ from the mean, on both sides.
+    mean = 0.05
+    offsets = [0.0, 0.5, 1, 3, 6, 8, 12, 20, 40, 80, 120, 200]
+    xs = sorted({round((mean + s * z * std) * 127.5) / 127.5 for z in offsets for s in (1, -1)})
+    xs = [x for x in xs if -1 <= x <= 1] + [-1.0, 1.0]
+    x = torch.tensor(xs, dtype=torch.float64)
+    lp = discretized_gaussian_log_likelihood(x, torch.full_like(x, mean), torch.full_like(x, math.log(std)))
+    ref = torch.tensor([_exact_log_bin(v, mean, std) for v in xs], dtype=torch.float64)
+    torch.testing.assert_close(lp, ref, rtol=1e-9, atol=1e-9)  # exact to float64, even at −20,000 nats
+    if std < 0.01:
+        assert ref.min() < -5000  # the test reaches deep into the tails
+
+
+def test_decoder_gradients_are_finite_everywhere():
+    x = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for std in (1e-4, 0.0074, 1.0, 30.0):
+        means = torch.full_like(x, 0.3).requires_grad_()
+        log_scales = torch.full_like(x, math.log(std)).requires_grad_()
+        lp = discretized_gaussian_log_likelihood(x, means, log_scales)
+        g_mean, g_scale = torch.autograd.grad(lp.sum(), [means, log_scales])
+        assert torch.isfinite(lp).all() and torch.isfinite(g_mean).all() and torch.isfinite(g_scale).all(), std
+        for dtype in (torch.float32,):  # and in float32, as training computes it
+            m32, s32 = means.detach().to(dtype).requires_grad_(), log_scales.detach().to(dtype).requires_grad_()
+            lp32 = discretized_gaussian_log_likelihood(x.to(dtype), m32, s32)
+            grads = torch.autograd.grad(lp32.sum(), [m32, s32])
+            assert torch.isfinite(lp32).all() and all(torch.isfinite(g).all() for g in grads), std
