@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -94,6 +95,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
+_TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+def is_temp_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the temporary file of an ``atomic_path`` write (left behind if it was killed)."""
+    return bool(_TEMP_NAME.fullmatch(Path(path).name))
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
     try:
@@ -108,6 +117,20 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Make ``folder`` if needed and write (then remove) a file in it: an OSError now, naming the folder, rather
+    than after the work whose result goes there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".write-test") as tmp:
+            tmp.write_bytes(b"ok")
+        (folder / ".write-test").unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write into {folder}: {e.strerror or e}", str(folder)) from None
+    return folder
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -118,7 +141,12 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor]
     """``safetensors.torch.save_file`` through ``atomic_path``; tensors are made contiguous CPU copies."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as e:  # safetensors' own error on a full disk or a vanished folder: name the file
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise OSError(f"cannot write {path}: {e} (check the free space and permissions)") from None
 
 
 # --------------------------------------------------------------------------- config
@@ -186,6 +214,9 @@ def optimizer_state_from_tensors(optimizer: torch.optim.Optimizer, params: list[
     for i, (p, name) in enumerate(zip(params, names, strict=True)):
         entry = dict(meta["state"].get(name, {}))
         for sub, value in by_param.get(name, {}).items():
+            if value.ndim and value.shape != p.shape:
+                raise ValueError(f"the optimizer state {name}/{sub} has shape {list(value.shape)}, but the "
+                                 f"parameter has {list(p.shape)}")
             if value.shape == p.shape:  # moment buffers keep the parameter's memory format (channels_last)
                 value = torch.empty_like(p).copy_(value)
             entry[sub] = value

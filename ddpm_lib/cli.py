@@ -20,15 +20,18 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .configs import CONFIGS
+from .data import NAMED_DATASETS
 from .evaluate import METRICS, run_eval
 from .generation import generate
 from .jobs import OUTPUT_SUFFIXES
 from .loading import load_for_sampling
+from .locks import InUseError
 from .precision import PRECISIONS
 from .runlog import NonFiniteLossError
 from .runs import resolve_run_config
@@ -56,6 +59,8 @@ def _float_in(low: float, high: float = float("inf"), low_open: bool = False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if not ((value > low if low_open else value >= low) and value <= high):
             raise argparse.ArgumentTypeError(
                 f"{value} must be > {low:g}" if high == float("inf") else f"{value} must lie in [{low:g}, {high:g}]")
@@ -84,6 +89,7 @@ def _class_labels(text: str) -> int | str | list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm-lib", description="DDPM (Ho et al. 2020): train and sample.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_sample(sub)
@@ -103,7 +109,8 @@ def _add_train(sub) -> None:
     t.add_argument("--seed", type=_int_at_least(0), help="seed of the initialization, data order and noise")
     t.add_argument("--label-drop", type=_unit_float,
                    help="class-conditional configs: probability of training on the null label (default 0.1)")
-    t.add_argument("--data", type=Path, help="folder of images to train on instead of the config's dataset")
+    t.add_argument("--data", help="data to train on instead of the config's: a data set (cifar10, digits) "
+                                  "or a folder of images")
     t.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, tf32 (fp32 with TF32 matmuls on CUDA) or bf16 autocast")
     t.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
@@ -190,10 +197,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.config is None and not args.resume:
         raise ValueError("--config is required for a new run (or pass --resume to continue one)")
     data = None
-    if args.data is not None:
-        if not args.data.is_dir():
-            raise FileNotFoundError(f"--data {args.data}: no such folder")
-        data = str(args.data.resolve())
+    if args.data is not None:  # a named data set, as for eval, or a folder of images
+        if args.data.lower() in NAMED_DATASETS:
+            data = args.data.lower()
+        elif Path(args.data).is_dir():
+            data = str(Path(args.data).resolve())
+        else:
+            raise FileNotFoundError(f"--data {args.data}: neither a data set ({', '.join(NAMED_DATASETS)}) "
+                                    "nor a folder of images")
     cfg = resolve_run_config(args.out, args.config, resume=args.resume, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, seed=args.seed, dataset=data, label_drop=args.label_drop)
     if args.label_drop is not None and cfg.model.num_classes is None:
@@ -244,15 +255,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{args.out}: report written")
 
 
+def _one_line(e: BaseException) -> str:
+    """An error as one line: an OSError names its file and the system's reason (read-only, disk full, …)."""
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, (FileNotFoundError, FileExistsError,
+                                                                   NotADirectoryError)):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"cannot write or read {where}{e.strerror} (check the path's permissions and free space)"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ddpm-lib`` / ``python -m ddpm_lib``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, CheckpointError,
-            NonFiniteLossError) as e:
-        print(f"ddpm-lib {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, CheckpointError, NonFiniteLossError, InUseError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"ddpm-lib {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         note = getattr(args, "interrupted", "the last checkpoint is intact")

@@ -115,13 +115,40 @@ class ImageFolder(torch.utils.data.Dataset):
             )
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        unreadable = _unreadable(self.files)
+        if unreadable:
+            shown = "; ".join(f"{p}: {why}" for p, why in unreadable[:3])
+            raise ImageReadError(f"{len(unreadable)} of {len(self.files)} files in {root} cannot be read as images "
+                                 f"({shown}{' …' if len(unreadable) > 3 else ''}): fix or remove them")
         self.root, self.size, self.channels, self.name = root, size, channels, str(root)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> Tensor:
-        return load_image(self.files[index], self.size, self.channels)
+        try:
+            return load_image(self.files[index], self.size, self.channels)
+        except Exception as e:  # noqa: BLE001 - a damaged file is the user's to fix: name it
+            raise ImageReadError(f"{self.files[index]} cannot be read as an image ({type(e).__name__}: {e}); "
+                                 "fix or remove it") from None
+
+
+class ImageReadError(ValueError):
+    """An image file that Pillow cannot read (the message names it)."""
+
+
+def _unreadable(files: list[Path]) -> list[tuple[Path, str]]:
+    """The files whose header Pillow cannot read (a quick check: truncated pixel data shows only when read)."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im.size  # noqa: B018 - the header is parsed on open
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            bad.append((p, str(e).split(" (")[0] or type(e).__name__))
+    return bad
 
 
 def load_image(path: str | os.PathLike, size: int, channels: int = 3) -> Tensor:
@@ -206,7 +233,14 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True, s
         from torchvision.datasets import CIFAR10
 
         print(f"downloading CIFAR10 into {root} …")
-        CIFAR10(str(root), train=split == "train", download=True)
+        try:
+            CIFAR10(str(root), train=split == "train", download=True)
+        except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError
+            reason = getattr(e, "reason", None) or e
+            raise DataUnavailableError(
+                f"CIFAR10 is not in {folder} and could not be downloaded ({reason}). Connect to the internet, "
+                "or train offline: --config digits (8×8 digits bundled with scikit-learn) or --data DIR "
+                "(a folder of images)") from None
     batches = [read_cifar10_batch(folder / f) for f in files[split]]
     images = np.concatenate([b[0] for b in batches])
     labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
@@ -245,6 +279,16 @@ def resize_images(images: Tensor, size: int) -> Tensor:
 
 
 NAMED_DATASETS = ("cifar10", "digits")
+MIRRORED_IS_NOT_DATA = ("digits",)  # a mirrored digit is no digit: random flips are off for these
+
+
+class DataUnavailableError(ValueError):
+    """A named data set is missing and cannot be fetched (offline); the message says what to do."""
+
+
+def mirror_invariant(dataset: str) -> bool:
+    """Whether a horizontally flipped image of ``dataset`` is still one of its images (App. B's flips)."""
+    return dataset.lower() not in MIRRORED_IS_NOT_DATA
 
 
 def load_split(dataset: str, split: str = "train", cache_dir: str | os.PathLike | None = None,
@@ -348,6 +392,19 @@ class _StepBatches(torch.utils.data.Sampler):
             yield batch_indices(n, b, step, seed, rank, world).tolist()
 
 
+def _one_line_errors(batches: Iterator[Tensor]) -> Iterator[Tensor]:
+    """A DataLoader's batches; a worker's ``ImageReadError`` (re-raised with the worker's whole traceback in
+    its message) comes out as its own one-line message."""
+    while True:
+        try:
+            images = next(batches)
+        except StopIteration:
+            return
+        except ImageReadError as e:
+            raise ImageReadError(str(e).strip().splitlines()[-1].removeprefix("ImageReadError: ")) from None
+        yield images
+
+
 def iterate_batches(dataset, global_batch: int, seed: int, start_step: int, stop_step: int,
                     rank: int = 0, world_size: int = 1, random_flip: bool = True,
                     num_workers: int = 0, with_labels: bool = False) -> Iterator[tuple]:
@@ -377,8 +434,8 @@ def iterate_batches(dataset, global_batch: int, seed: int, start_step: int, stop
         batches = gather()
     else:
         sampler = _StepBatches(len(dataset), global_batch, seed, start_step, stop_step, rank, world_size)
-        batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                                   persistent_workers=False))
+        batches = _one_line_errors(iter(torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=False)))
     for step, images in zip(range(start_step, stop_step), batches, strict=True):
         if random_flip:
             images = apply_flips(images, flip_mask(global_batch, step, seed, rank, world_size))

@@ -366,7 +366,7 @@ class GaussianDiffusion:
         steps = range(T - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="bound")
+            steps = tqdm(steps, desc="bound, t", leave=False)
         for i in steps:
             t = torch.full((B,), i, device=x0.device, dtype=torch.long)
             x_t = self.q_sample(x0, t, generator=generator)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from . import metrics as M
 from .base import Model, __version__, model_device
+from .checkpoint import atomic_path, check_writable, write_text_atomic
 from .data import NAMED_DATASETS, ImageFolder, TensorImages, load_split, resize_images, to_model_range
 from .diffusion import GaussianDiffusion
 from .loading import load_for_sampling
@@ -126,10 +127,11 @@ class BoundResult:
                 "terms_bpd": self.terms.tolist(), "x0_mse": self.x0_mse.tolist()}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """An npz with total, prior (per image), terms and x0_mse (per t), for the book's plots."""
+        """An npz with total, prior (per image), terms and x0_mse (per t), for the book's plots (written
+        atomically: a full disk leaves no partial file)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, total=self.total, prior=self.prior, terms=self.terms, x0_mse=self.x0_mse)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, total=self.total, prior=self.prior, terms=self.terms, x0_mse=self.x0_mse)
         return path
 
     @classmethod
@@ -164,11 +166,11 @@ def dataset_nll(model: Model, diffusion: GaussianDiffusion, images: TensorImages
     starts = range(0, x.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="test NLL (batches)")
+        starts = tqdm(starts, desc="NLL bound, images", unit="batch")
     for s in starts:
         x0 = to_model_range(x[s:s + batch_size]).to(device)
         net = model if labels is None else functools.partial(model, y=labels[s:s + batch_size].to(device))
-        r = diffusion.vlb_bpd(net, x0, clip_denoised=clip_denoised, generator=g)
+        r = diffusion.vlb_bpd(net, x0, clip_denoised=clip_denoised, generator=g, progress=progress)  # a bar over t
         total.append(r["total"].cpu().numpy())
         prior.append(r["prior"].cpu().numpy())
         terms = terms + r["terms"].sum(0).cpu().numpy()
@@ -216,13 +218,18 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"samples file {str(path)!r} does not exist")
-    if path.suffix == ".npy":
-        images = np.load(path, allow_pickle=False)
-    else:
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise ValueError(f"{path} holds {z.files}; expected uint8 images [N, H, W, C] under 'images'")
-            images = z["images"]
+    try:
+        if path.suffix == ".npy":
+            images = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                if "images" not in z.files:
+                    raise ValueError(f"{path} holds {z.files}; expected uint8 images [N, H, W, C] under 'images'")
+                images = z["images"]
+    except (ValueError, OSError, EOFError) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path} is not a samples file ({e}); pickled objects are never loaded") from None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"{path}: images must be uint8 [N, H, W, C], got {images.dtype} {list(images.shape)}")
     return images
@@ -275,9 +282,9 @@ def _wanted(metrics: Iterable[str] | None, samples, checkpoint) -> set[str]:
     return wanted
 
 
-def _quality_report(samples, wanted: set[str], references, extractor: M.FeatureExtractor, **kw) -> dict:
+def _quality_report(samples, images: np.ndarray, wanted: set[str], references, extractor: M.FeatureExtractor,
+                    **kw) -> dict:
     """The report's ``samples`` and ``sample_quality`` sections (FID against ``references``, IS)."""
-    images = load_samples(samples)
     q = sample_quality(images, references if "fid" in wanted else (), extractor, inception_score="is" in wanted,
                        **kw)
     return {"samples": {"path": str(samples), "n": q["n"], "shape": list(images.shape)},
@@ -348,6 +355,7 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
     ``<out_json stem>.bound.npz`` (``BoundResult.save``).
     """
     wanted = _wanted(metrics, samples, checkpoint)
+    check_writable(Path(out_json).parent)  # before the work, not after it
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     report: dict = {
@@ -356,14 +364,13 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
         "versions": _versions(), "device": _device_name(dev), "metrics": [m for m in METRICS if m in wanted],
     }
     if wanted & {"fid", "is"}:
+        images = load_samples(samples)  # the input is checked before the Inception network is loaded
         extractor = extractor if extractor is not None else M.InceptionV3(device=dev, download=download)
-        report |= _quality_report(samples, wanted, references, extractor, splits=splits, batch_size=batch_size,
-                                  cache_dir=cache_dir, download=download, progress=progress)
+        report |= _quality_report(samples, images, wanted, references, extractor, splits=splits,
+                                  batch_size=batch_size, cache_dir=cache_dir, download=download, progress=progress)
     if wanted & {"nll", "rd"}:
         report |= _bound_report(checkpoint, wanted, Path(out_json), dev, data=data, split=split,
                                 max_images=max_images, batch_size=batch_size, seed=seed, cache_dir=cache_dir,
                                 download=download, progress=progress)
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(Path(out_json), json.dumps(report, indent=1) + "\n")
     return report

@@ -161,7 +161,8 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
             with fp32_precision(precision):
                 x = sample_loop(diffusion, net, (len(indices), *shape), sampler=sampler, steps=steps,
                                 spacing=spacing, eta=eta, generator=image_generators(seed, indices),
-                                clip_denoised=clip_denoised, device=device, y=y, guidance_scale=guidance_scale)
+                                clip_denoised=clip_denoised, device=device, y=y, guidance_scale=guidance_scale,
+                                progress=progress)  # a bar over the steps of each batch
             return to_uint8(x.float()).permute(0, 2, 3, 1).cpu().numpy()
 
         if out_path is None:

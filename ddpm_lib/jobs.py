@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_path, write_text_atomic
+from .checkpoint import atomic_path, is_temp_file, write_text_atomic
 from .grids import save_uint8_grid
+from .locks import hold
 
 OUTPUT_SUFFIXES = (".npz", ".png")
 SampleFn = Callable[[Sequence[int]], np.ndarray]  # image indices → uint8 images [b, H, W, C]
@@ -65,8 +66,19 @@ def _open_partial(partial: Path, job: dict) -> None:
 
 def run_to_file(out: Path, job: dict, sample: SampleFn, batch_size: int, progress: bool) -> np.ndarray:
     """The resumable job: ``job`` holds at least ``n``, ``chunk_size`` and ``image_shape`` (C, H, W)."""
-    n, K = job["n"], job["chunk_size"]
     partial = out.with_name(out.name + ".partial")
+    lock = out.with_name(f".{out.name}.lock")  # one job per output at a time; a killed one releases it
+    with hold(lock, f"the sampling job of {out}"):
+        images = _run_locked(out, partial, job, sample, batch_size, progress)
+        lock.unlink(missing_ok=True)
+    return images
+
+
+def _run_locked(out: Path, partial: Path, job: dict, sample: SampleFn, batch_size: int, progress: bool) -> np.ndarray:
+    n, K = job["n"], job["chunk_size"]
+    for p in partial.glob(".*.tmp"):  # writes that a killed job left half done
+        if is_temp_file(p):
+            p.unlink()
     _open_partial(partial, job)
     chunks = [range(c * K, min(n, (c + 1) * K)) for c in range((n + K - 1) // K)]
 
@@ -108,7 +120,11 @@ def _save_chunk(path: Path, images: np.ndarray) -> None:
 
 
 def _load_chunk(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    images = np.load(path)
+    try:
+        images = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a chunk of images ({e}; pickled objects are never loaded): delete it "
+                         "to redo it") from None
     if images.dtype != np.uint8 or images.shape != shape:
         raise ValueError(f"{path} holds {images.dtype} {images.shape}, expected uint8 {shape}; delete it to redo it")
     return images

@@ -47,6 +47,11 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device | None
         cfg = dataclasses.replace(base, name=str(path), model=model.config)
         return LoadedModel(model.to(device).eval(), GaussianDiffusion.from_config(cfg.diffusion), cfg, -1)
     weights, cfg, step = ckpt_io.ema_state_dict(path)
+    broken = [name for name, w in weights.items() if w.is_floating_point() and not bool(torch.isfinite(w).all())]
+    if broken:
+        raise ckpt_io.CheckpointError(
+            f"{path}: {len(broken)} of its {len(weights)} weight tensors hold NaN or infinite values (e.g. "
+            f"{broken[0]}): the run diverged before this checkpoint; use an earlier one (--keep-every keeps copies)")
     model = UNet.from_config(cfg.model)
     try:
         model.load_state_dict(weights)

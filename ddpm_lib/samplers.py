@@ -151,7 +151,7 @@ def sample_steps(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int
     order = enumerate(tau)
     if progress:
         from tqdm.auto import tqdm
-        order = tqdm(order, total=len(tau), desc=sampler)
+        order = tqdm(order, total=len(tau), desc=f"{sampler}, step", unit="step", leave=False)
     for k, t in order:
         if sampler == "ddpm":  # Algorithm 2, line 4
             t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)

@@ -35,7 +35,9 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +46,13 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
 from .base import check_choice, resolve_device
-from .configs import Config, get_config
-from .data import TensorImages, iterate_batches, make_dataset, to_model_range
+from .configs import TRAINING_NOTES, Config, get_config
+from .data import TensorImages, iterate_batches, make_dataset, mirror_invariant, to_model_range
 from .diffusion import GaussianDiffusion
 from .distributed import DistInfo, barrier, setup_distributed
 from .generation import sample_images
 from .grids import image_grid, save_grid
+from .locks import hold
 from .precision import Autocast, check_precision, training_backends
 from .rng import derive_seed, global_seed
 from .runlog import LossWatch, MetricsLog, NonFiniteLossError
@@ -59,6 +62,7 @@ from .unet import UNet
 # torch.compile modes for ``compile=``; the second pair also replays CUDA graphs.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+LOCK_NAME = ".lock"  # held by the training process of a run directory
 
 
 # --------------------------------------------------------------------------- one step of Algorithm 1
@@ -142,6 +146,12 @@ def fit(diffusion: GaussianDiffusion, model: nn.Module, data: Tensor | Callable[
     w = loss_window
     windows = [sum(losses[i:i + w]) / len(losses[i:i + w]) for i in range(0, len(losses), w)]
     return {"ema": ema.eval(), "steps_done": len(losses), "failure": failure, "loss_windows": windows}
+
+
+def weights_finite(*models: nn.Module) -> bool:
+    """Whether every parameter of ``models`` is finite (one host sync)."""
+    flags = [torch.isfinite(p).all() for m in models for p in m.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 # --------------------------------------------------------------------------- the training state
@@ -286,20 +296,42 @@ def _check_schedule(log_every: int, ckpt_every: int, keep_every: int, sample_eve
                          "kept of checkpoints, which are written every ckpt_every steps")
 
 
-def _open_run_dir(out: Path, cfg: Config, resume: bool, dist_info: DistInfo) -> None:
-    """Check that ``out`` can start (empty) or resume (a checkpoint of the same model), then write its config."""
-    if resume:
-        ckpt_path = out / ckpt_io.CKPT_NAME
-        if not ckpt_path.is_file():
-            raise ckpt_io.CheckpointError(f"cannot resume: {ckpt_path} does not exist")
+# What a run writes before its first checkpoint: a run directory holding only these starts afresh.
+RUN_LEFTOVERS = (ckpt_io.CONFIG_NAME, ckpt_io.EMA_NAME, "metrics.csv", "tb", "samples", LOCK_NAME)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """FileExistsError when ``out`` has no checkpoint but holds what no run writes before its first one."""
+    if not out.is_dir() or (out / ckpt_io.CKPT_NAME).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_LEFTOVERS and not ckpt_io.is_temp_file(p))
+    if foreign:
+        raise FileExistsError(f"run directory {out} is not empty ({', '.join(foreign[:3])}"
+                              f"{' …' if len(foreign) > 3 else ''}): choose another output directory")
+
+
+def _open_run_dir(out: Path, cfg: Config, resume: bool, dist_info: DistInfo) -> bool:
+    """Check that ``out`` can start or resume, tidy it and write its config; returns whether the run resumes.
+
+    A directory with a checkpoint resumes (same model and diffusion) or is refused for a new run. One without
+    a checkpoint (a first run that stopped early) starts afresh either way: what such a run leaves behind
+    (``RUN_LEFTOVERS``) is removed. Temporary files of interrupted writes are removed in every case.
+    """
+    ckpt_path = out / ckpt_io.CKPT_NAME
+    if ckpt_path.is_file():
+        if not resume:
+            raise FileExistsError(f"{out} holds a run (its checkpoint {ckpt_path.name}): pass --resume "
+                                  "(resume=True) to continue it, or choose another output directory")
         check_same_model(ckpt_io.read_config(out), cfg, str(out / ckpt_io.CONFIG_NAME))
-    elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"run directory {out} is not empty: pass resume=True (--resume) to "
-                              "continue that run, or choose another output directory")
+    elif resume and dist_info.is_main:
+        print(f"{out}: no checkpoint yet (the run stopped before its first one): starting it from step 0")
     barrier(dist_info)  # every process has checked before the main one writes
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        for p in out.iterdir():
+            if ckpt_io.is_temp_file(p) or (not ckpt_path.is_file() and p.name in RUN_LEFTOVERS[:-1]):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
         ckpt_io.write_config(out, cfg)
+    return ckpt_path.is_file()
 
 
 def train(cfg: Config | str, out_dir: str | os.PathLike, *, resume: bool = False,
@@ -325,8 +357,11 @@ def train(cfg: Config | str, out_dir: str | os.PathLike, *, resume: bool = False
     dist_info, dev, created_group = setup_distributed(resolve_device(device))
     try:
         validate_train_config(cfg, dist_info.world_size)
-        _open_run_dir(out, cfg, resume, dist_info)
-        with training_backends(dev, precision):
+        _refuse_foreign(out)  # someone else's folder gets no lock file
+        with ExitStack() as held, training_backends(dev, precision):
+            if dist_info.is_main:  # one training process per run directory; a killed one releases it
+                held.enter_context(hold(out / LOCK_NAME, f"run directory {out}"))
+            resume = _open_run_dir(out, cfg, resume, dist_info)
             state = build_training_state(cfg, dev, precision, compile, dist_info)
             mode = compile_mode(compile)
             how = precision + ("" if mode is None else " + compile" if mode == "default" else f" + compile ({mode})")
@@ -361,6 +396,9 @@ class _Run:
         dataset = make_dataset(cfg.train.dataset, cfg.model.image_size, cfg.model.in_channels, cache_dir=data_cache)
         if self.main:
             barrier(info)
+        flip = cfg.train.random_flip and mirror_invariant(cfg.train.dataset)
+        if cfg.train.random_flip and not flip and self.main:
+            print(f"{cfg.train.dataset}: no random flips (a mirrored image of it is not one of its images)")
         in_memory = isinstance(dataset, TensorImages)
         if dev.type == "cuda" and in_memory:  # CIFAR10 is 150 MB: keep a copy on the GPU
             dataset = TensorImages(dataset.images.to(dev), name=dataset.name, labels=dataset.labels)
@@ -368,7 +406,7 @@ class _Run:
             num_workers = 0 if in_memory else min(4, os.cpu_count() or 1)
         tc = cfg.train
         return len(dataset), iterate_batches(dataset, tc.batch_size, tc.seed, self.state.step, tc.steps, info.rank,
-                                             info.world_size, tc.random_flip, num_workers,
+                                             info.world_size, flip, num_workers,
                                              with_labels=cfg.model.num_classes is not None)
 
     def loop(self, num_workers: int | None, data_cache) -> TrainSummary:
@@ -403,6 +441,8 @@ class _Run:
             self.bar.write(f"{self.cfg.name}: {n_params:,} parameters, {n_images:,} images, batch {tc.batch_size} "
                            f"over {state.dist.world_size} process(es) on {state.device}, {self.how}; "
                            f"steps {start} → {total}")
+            if self.cfg.name in TRAINING_NOTES:
+                self.bar.write(TRAINING_NOTES[self.cfg.name])
 
     def after_step(self, step: int, loss: Tensor, grad_norm: Tensor, total: int) -> None:
         """Step ``step`` (updates done) is over: log, sample and checkpoint when due."""
@@ -410,27 +450,36 @@ class _Run:
         self.bar.update(1)
         if step % self.every["log"] == 0 or step == total:
             self.log_row(step)
-        if self.every["sample"] and step % self.every["sample"] == 0:
+        if self.every["sample"] and (step % self.every["sample"] == 0 or step == total):  # and one at the end
             self.sample_grid(step)
         if step % self.every["ckpt"] == 0 or step == total:
             self.checkpoint(step)
 
-    def check(self) -> None:
-        """Never write a checkpoint or samples after a non-finite loss."""
-        self.watch.check(f"the last checkpoint, {self.ckpt_path} at step {self.last_ckpt}, is intact"
-                         if self.last_ckpt is not None else "no checkpoint was written")
+    def check(self, step: int, weights: bool = False) -> None:
+        """Never write a checkpoint or samples after a non-finite loss, or from non-finite weights (the last
+        update can break them after every loss so far was finite)."""
+        note = (f"the last checkpoint, {self.ckpt_path} at step {self.last_ckpt}, is intact"
+                if self.last_ckpt is not None else "no checkpoint was written")
+        self.watch.check(note)
+        if weights and not weights_finite(self.state.model, self.state.ema):
+            lr = learning_rate(step - 1, self.cfg.train.lr, self.cfg.train.warmup)
+            raise NonFiniteLossError(f"the weights became non-finite by step {step} (is the learning rate, {lr:g}, "
+                                     f"too high?): training stopped; {note}")
 
     def log_row(self, step: int) -> None:
-        self.check()
+        self.check(step)
         tc = self.cfg.train
         row = self.watch.row(step, learning_rate(step - 1, tc.lr, tc.warmup))
         if row is not None and self.main:
             self.log.log(row)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+            if not self.progress:  # no bar: a line per metrics row, so a long run is seen to move
+                print(f"{self.cfg.name} step {step:,}/{tc.steps:,}: loss {row['loss']:.4f}, "
+                      f"{row['images_per_s']:.0f} images/s", flush=True)
 
     def sample_grid(self, step: int) -> None:
         """A grid of EMA samples (fixed seed; a conditional model: classes 0, 1, … in turn, no guidance)."""
-        self.check()
+        self.check(step, weights=True)
         with self.watch.paused():  # sampling time is not training throughput
             if self.main:
                 labels = "cycle" if self.cfg.model.num_classes is not None else None
@@ -440,7 +489,7 @@ class _Run:
                 self.log.image("samples", image_grid(imgs), step)
 
     def checkpoint(self, step: int) -> None:
-        self.check()
+        self.check(step, weights=True)
         with self.watch.paused():
             if self.main:
                 # EMA first: a crash between the two writes leaves a resumable checkpoint

@@ -92,7 +92,7 @@ def test_missing_config_or_checkpoint_are_clear_errors(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "a"), *FAST]) == 1
     assert "--config is required" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "b"), "--resume", *FAST]) == 1
-    assert "not a ddpm_lib run directory" in capsys.readouterr().err
+    assert "has no run to resume (no config.json): start one with --config" in capsys.readouterr().err
     bogus = tmp_path / "bogus.safetensors"
     bogus.write_bytes(b"not a checkpoint")
     assert main(["sample", "--checkpoint", str(bogus), "--out", str(tmp_path / "g.png")]) == 1

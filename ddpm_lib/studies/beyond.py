@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                              "see its docstring.")
     result["settings"] = asdict(s)
     result.setdefault("commands", {}).update({part: command for part in args.parts})
-    result["machine"] = machine_note()
+    result.pop("machine", None)  # parts rerun alone may run elsewhere: each part records its own machine
+    result.setdefault("machines", {}).update({part: machine_note() for part in args.parts})
     result["total_seconds"] = round(sum(result[k]["seconds"] for k in PARTS if k in result)
                                     + result.get("classifier", {}).get("seconds", 0), 1)
     write_results(args.out, result)
