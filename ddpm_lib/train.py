@@ -342,10 +342,13 @@ def train(cfg: Config | str, out_dir: str | os.PathLike, *, resume: bool = False
     """Train ``cfg`` (Algorithm 1) for ``cfg.train.steps`` updates in total, writing to ``out_dir``.
 
     ``resume=True`` continues the run in ``out_dir`` from its checkpoint (model, EMA, Adam, step;
-    the data position and random numbers follow from the step). A new run refuses a non-empty
-    ``out_dir``. Every ``ckpt_every`` steps (and at the end) the main process writes
-    ``ckpt.safetensors`` and ``ema.safetensors`` atomically, keeping a copy every ``keep_every``
-    steps; every ``sample_every`` steps it saves a grid of ``num_samples`` EMA samples (fixed seed).
+    the data position and random numbers follow from the step). A new run refuses a directory that holds
+    a checkpoint or files no run writes; a directory whose run stopped before its first checkpoint starts
+    afresh, resumed or not (``_open_run_dir``). The main process holds ``out_dir/.lock`` for the whole run,
+    so a second process on the same directory fails at once. Every ``ckpt_every`` steps (and at the end)
+    the main process writes ``ckpt.safetensors`` and ``ema.safetensors`` atomically, keeping a copy every
+    ``keep_every`` steps; every ``sample_every`` steps, and at the end, it saves a grid of ``num_samples``
+    EMA samples (fixed seed). Weights that turn non-finite stop the run before anything is written from them.
     Under ``torchrun`` each process trains on its shard of the global batch (DDP). ``compile``: False,
     True or a ``torch.compile`` mode (``COMPILE_MODES``; ``"reduce-overhead"`` is the fastest on one GPU).
     The run's TF32 / cuDNN settings and the global random stream are the caller's again afterwards.
