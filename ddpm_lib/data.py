@@ -269,6 +269,82 @@ def load_digits(split: str = "train") -> TensorImages:
     return TensorImages(images[part], name=f"digits-{split}", labels=labels[part])
 
 
+FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (MIT licence)
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """One IDX file (the MNIST format; ``.gz`` or not) as a uint8 array: a 4-byte magic number (0, 0, type 0x08
+    for unsigned bytes, the number of dimensions), the dimensions as big-endian int32, then the data."""
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path} cannot be read as an IDX file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {raw[:4].hex() or 'missing'})")
+    ndim = raw[3]
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: the header says {dims} ({int(np.prod(dims)):,} bytes), the file holds "
+                         f"{data.size:,}: truncated or corrupt")
+    return data.reshape(dims)
+
+
+def _fashion_file(name: str, folders: list[Path]) -> Path | None:
+    for folder in folders:
+        for candidate in (folder / f"{name}.gz", folder / name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, download: bool = False,
+                       cache_dir: str | os.PathLike | None = None) -> TensorImages:
+    """Fashion-MNIST (Xiao, Rasul & Vollgraf 2017: 60,000 training and 10,000 test 28×28 grey images of 10
+    kinds of clothing, ``FASHION_CLASSES``) as uint8 [N, 1, 28, 28] with labels 0…9.
+
+    Read from ``root`` if given, else from Debian's package (``apt-get install dataset-fashion-mnist`` puts the
+    original IDX files in ``FASHION_DEBIAN_DIR``), else from torchvision's download folder under
+    ``cache_dir`` (default ``default_cache_dir()``). Only with ``download=True`` does torchvision fetch it when
+    it is in none of them (a training run or ``eval`` asks for that, through ``load_split``; tests and the
+    book never do).
+    """
+    if split not in FASHION_FILES:
+        raise ValueError(f"split={split!r} must be 'train' or 'test'")
+    cache = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "FashionMNIST" / "raw"
+    folders = [Path(root)] if root is not None else [FASHION_DEBIAN_DIR, cache]
+    files = [_fashion_file(name, folders) for name in FASHION_FILES[split]]
+    if None in files:
+        if not download:
+            raise DataUnavailableError(
+                f"Fashion-MNIST is not in {' or '.join(str(f) for f in folders)}: on Debian or Ubuntu, "
+                f"apt-get install dataset-fashion-mnist; elsewhere load_fashion_mnist(download=True) has "
+                f"torchvision fetch it into {cache}")
+        from torchvision.datasets import FashionMNIST
+
+        print(f"downloading Fashion-MNIST into {cache.parent.parent} …")
+        try:
+            FashionMNIST(str(cache.parent.parent), train=split == "train", download=True)
+        except (OSError, RuntimeError) as e:
+            raise DataUnavailableError(f"Fashion-MNIST could not be downloaded ({getattr(e, 'reason', e)}): on "
+                                       "Debian or Ubuntu, apt-get install dataset-fashion-mnist") from None
+        files = [_fashion_file(name, [cache]) for name in FASHION_FILES[split]]
+    images, labels = read_idx(files[0]), read_idx(files[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{files[0]} and {files[1]} do not hold images [N, H, W] and one label each")
+    return TensorImages(torch.from_numpy(images.copy())[:, None], name=f"fashion-{split}",
+                        labels=torch.from_numpy(labels.astype(np.int64)))
+
+
 def resize_images(images: Tensor, size: int) -> Tensor:
     """uint8 [N, C, H, W] → uint8 [N, C, size, size] (antialiased bilinear; used for CIFAR10 at 16×16)."""
     if images.shape[-1] == size and images.shape[-2] == size:
@@ -278,7 +354,7 @@ def resize_images(images: Tensor, size: int) -> Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-NAMED_DATASETS = ("cifar10", "digits")
+NAMED_DATASETS = ("cifar10", "digits", "fashion")
 MIRRORED_IS_NOT_DATA = ("digits",)  # a mirrored digit is no digit: random flips are off for these
 
 
@@ -294,10 +370,13 @@ def mirror_invariant(dataset: str) -> bool:
 def load_split(dataset: str, split: str = "train", cache_dir: str | os.PathLike | None = None,
                download: bool = True) -> TensorImages:
     """A dataset known by name (``NAMED_DATASETS``), ``train`` or ``test`` split: ``cifar10``
-    (downloaded by torchvision when ``download``) or ``digits`` (bundled with scikit-learn)."""
+    (downloaded by torchvision when ``download``), ``digits`` (bundled with scikit-learn) or ``fashion``
+    (Fashion-MNIST: Debian's package, else torchvision's download when ``download``)."""
     name = dataset.lower()
     if name == "cifar10":
         return load_cifar10(cache_dir, download, split)
+    if name == "fashion":
+        return load_fashion_mnist(split, download=download, cache_dir=cache_dir)
     if name == "digits":
         return load_digits(split)
     raise ValueError(f"dataset={dataset!r} is not a named dataset; choose one of {NAMED_DATASETS}")
@@ -305,7 +384,7 @@ def load_split(dataset: str, split: str = "train", cache_dir: str | os.PathLike 
 
 def make_dataset(dataset: str, image_size: int, channels: int = 3,
                  cache_dir: str | os.PathLike | None = None, download: bool = True):
-    """The dataset named by ``TrainConfig.dataset``: ``"cifar10"``, ``"digits"`` or a folder of images.
+    """The dataset named by ``TrainConfig.dataset``: ``"cifar10"``, ``"digits"``, ``"fashion"`` or a folder.
 
     CIFAR10 is resized to ``image_size`` when the config asks for another resolution (``tiny``: 16).
     """
@@ -318,6 +397,8 @@ def make_dataset(dataset: str, image_size: int, channels: int = 3,
         raise ValueError(f"CIFAR10 has 3 channels, the model expects {channels}")
     if dataset.lower() == "digits" and (channels != 1 or image_size != 8):
         raise ValueError(f"digits are 1×8×8; the model expects {channels}×{image_size}×{image_size}")
+    if dataset.lower() == "fashion" and channels != 1:
+        raise ValueError(f"Fashion-MNIST images are grey (1 channel), the model expects {channels}")
     ds = load_split(dataset, "train", cache_dir, download)
     return TensorImages(resize_images(ds.images, image_size), name=ds.name, labels=ds.labels)
 

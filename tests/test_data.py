@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -169,3 +170,65 @@ def test_named_datasets_load_by_name_and_refuse_others(tmp_path):
         load_split("mnist", "train")
     with pytest.raises(FileNotFoundError):  # CIFAR10 is looked for, not downloaded, when download=False
         load_split("cifar10", "train", cache_dir=tmp_path, download=False)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+
+
+def write_idx(path, array: np.ndarray, gz: bool = True) -> None:
+    """The IDX format (MNIST's): magic 0 0 8 ndim, big-endian int32 dimensions, then the bytes."""
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    raw = header + array.astype(np.uint8).tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def test_fashion_mnist_reads_idx_files_gzipped_or_not(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.array([9, 0, 3, 3, 1], dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, gz=False)
+    ds = data.load_fashion_mnist("train", root=tmp_path)
+    assert ds.images.shape == (5, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert np.array_equal(ds.images[:, 0].numpy(), images) and ds.labels.tolist() == [9, 0, 3, 3, 1]
+    assert ds.labels.dtype == torch.int64 and ds.name == "fashion-train"
+
+
+def test_corrupt_idx_files_are_named(tmp_path):
+    bad = tmp_path / "x-idx3-ubyte"
+    bad.write_bytes(b"\x00\x00\x0d\x03rest")  # type 0x0d (float), not unsigned bytes
+    with pytest.raises(ValueError, match=f"{bad}.*not an IDX file of unsigned bytes"):
+        data.read_idx(bad)
+    write_idx(tmp_path / "t.gz", np.zeros((4, 2, 2)))
+    (tmp_path / "short.gz").write_bytes((tmp_path / "t.gz").read_bytes()[:-8])  # a cut-off gzip stream
+    with pytest.raises(ValueError, match="short.gz"):
+        data.read_idx(tmp_path / "short.gz")
+    raw = bytes([0, 0, 8, 3]) + np.asarray([4, 2, 2], dtype=">i4").tobytes() + bytes(10)  # 16 bytes promised
+    (tmp_path / "trunc").write_bytes(raw)
+    with pytest.raises(ValueError, match="trunc.*truncated or corrupt"):
+        data.read_idx(tmp_path / "trunc")
+
+
+def test_missing_fashion_mnist_says_how_to_get_it_and_downloads_only_when_asked(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(data, "FASHION_DEBIAN_DIR", tmp_path / "not-installed")
+    asked = []
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", lambda *a, **kw: asked.append(kw) or None)
+    with pytest.raises(data.DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist("test", cache_dir=tmp_path / "cache")
+    assert asked == []  # nothing was fetched without download=True
+
+
+def test_the_debian_fashion_mnist_package_loads_as_published():
+    """The real data, where Debian's dataset-fashion-mnist is installed (CI installs it and requires it)."""
+    if not (data.FASHION_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        if os.environ.get("DDPM_REQUIRE_FASHION"):
+            pytest.fail("DDPM_REQUIRE_FASHION is set but dataset-fashion-mnist is not installed")
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    train, test = (data.load_split("fashion", split, download=False) for split in ("train", "test"))
+    assert train.images.shape == (60_000, 1, 28, 28) and test.images.shape == (10_000, 1, 28, 28)
+    assert train.labels.bincount().tolist() == [6000] * 10 and test.labels.bincount().tolist() == [1000] * 10
+    assert train.labels[:3].tolist() == [9, 0, 0]  # the first training image is an ankle boot

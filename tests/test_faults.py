@@ -295,7 +295,7 @@ def test_offline_cifar10_is_a_one_line_error_that_says_what_to_do(tmp_path, monk
     one_line_error(capsys, "CIFAR10 is not in", "Temporary failure in name resolution", "--config digits")
     assert main(["train", "--config", "tiny", "--out", str(run), "--steps", "1", "--batch-size", "4",
                  "--data", str(tmp_path / "nowhere"), *FAST]) == 1
-    one_line_error(capsys, "neither a data set (cifar10, digits) nor a folder")
+    one_line_error(capsys, "neither a data set (cifar10, digits, fashion) nor a folder")
 
 
 def test_train_takes_a_named_data_set_and_prints_lines_without_a_bar(tmp_path, capsys):
