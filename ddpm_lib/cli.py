@@ -177,7 +177,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--samples", type=Path, default=None, help=".npz with uint8 'images' [N, H, W, C] (or .npy)")
     e.add_argument("--checkpoint", default=None, help="run directory, ema/ckpt .safetensors, or google/ddpm-cifar10-32")
     e.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
-                   help="default: fid and is for --samples; nll and rd added for --checkpoint")
+                   help="default: fid and is for --samples; nll and rd added for --checkpoint; fid_fashion: FID "
+                        "in a Fashion-MNIST classifier's features (offline), with its floor")
     e.add_argument("--data", default=None,
                    help="images for the bound: a dataset name (cifar10, digits), .npz/.npy or a folder "
                         "(default: the checkpoint's training dataset)")
@@ -247,7 +248,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       data=args.data, split=args.split, max_images=args.max_images, batch_size=args.batch_size,
                       seed=args.seed, splits=args.splits, device=args.device, download=not args.no_download,
                       progress=not args.no_progress)
-    for section in ("sample_quality", "bound", "rate_distortion"):  # the headline numbers; arrays stay in the file
+    # the headline numbers; the arrays stay in the file
+    for section in ("sample_quality", "sample_quality_fashion", "bound", "rate_distortion"):
         if report.get(section):
             scalars = {k: v for k, v in report[section].items()
                        if isinstance(v, (int, float, str, dict)) and k != "about"}

@@ -202,6 +202,58 @@ class RandomFeatures:
         return features, features @ self.head
 
 
+FASHION_WEIGHTS = Path(__file__).parent / "weights" / "fashion_classifier.safetensors"
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # of Fashion-MNIST's training pixels on [0, 1]
+
+
+class FashionClassifier(torch.nn.Module):
+    """A small CNN for 28×28 grey Fashion-MNIST images: two 3×3 conv + max-pool stages (32, 64 channels), a
+    128-unit hidden layer (the features of ``fid_fashion``) and 10 class logits. ``forward`` takes pixels
+    scaled to [0, 1], [b, 1, 28, 28]; trained by ``tools/train_fashion_classifier.py``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.hidden = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Linear(128, 10)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.hidden(self.conv((x - FASHION_MEAN) / FASHION_STD))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class FashionFeatures:
+    """``fid_fashion``'s extractor: the shipped ``FashionClassifier``'s 128 hidden features and its logits, from
+    uint8 images [b, 3, H, W] (grey repeated to RGB by ``as_nchw``: the first channel is used), resized to
+    28 × 28 when they are another size. Offline: the weights ship in ``ddpm_lib/weights/``."""
+
+    def __init__(self, weights_path: str | os.PathLike = FASHION_WEIGHTS, device: str | torch.device = "cpu") -> None:
+        from safetensors.torch import load_file
+
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"the Fashion-MNIST classifier {path} does not exist: train it with "
+                                    "python tools/train_fashion_classifier.py")
+        self.device = torch.device(device)
+        self.net = FashionClassifier()
+        self.net.load_state_dict(load_file(str(path)))
+        self.net = self.net.to(self.device).eval()
+        self.name = f"fashion-classifier-{_sha256(path)[:12]}"  # statistics are cached per weights
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = images[:, :1].to(self.device, torch.float32) / 255.0
+        if x.shape[-2:] != (28, 28):
+            x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        features = self.net.features(x)
+        return features, self.net.head(features)
+
+
 def as_nchw(images: np.ndarray | Tensor) -> Tensor:
     """uint8 images [N, H, W, C] or [N, C, H, W] (C = 1 or 3) → a uint8 tensor [N, 3, H, W].
 
