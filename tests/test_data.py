@@ -163,10 +163,10 @@ def test_named_datasets_load_by_name_and_refuse_others(tmp_path):
     """One place maps a dataset name to its loader (training, FID references and the bound use it)."""
     from ddpm_lib.data import NAMED_DATASETS, load_split
 
-    assert NAMED_DATASETS == ("cifar10", "digits")
+    assert NAMED_DATASETS == ("cifar10", "digits", "fashion")
     test = load_split("Digits", "test")  # case-insensitive, like --config's dataset field
     assert test.name == "digits-test" and test.images.shape[1:] == (1, 8, 8) and len(test.labels) == len(test)
-    with pytest.raises(ValueError, match="not a named dataset; choose one of \\('cifar10', 'digits'\\)"):
+    with pytest.raises(ValueError, match="not a named dataset; choose one of \\('cifar10', 'digits', 'fashion'\\)"):
         load_split("mnist", "train")
     with pytest.raises(FileNotFoundError):  # CIFAR10 is looked for, not downloaded, when download=False
         load_split("cifar10", "train", cache_dir=tmp_path, download=False)

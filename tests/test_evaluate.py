@@ -146,7 +146,7 @@ def test_run_eval_runs_only_the_metrics_asked_for(fake_cifar10, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "nothing to evaluate"),
-    ({"metrics": ["fid"]}, "fid and is need samples"),
+    ({"metrics": ["fid"]}, "fid, is and fid_fashion need samples"),
     ({"metrics": ["nll"]}, "need a checkpoint"),
     ({"metrics": ["bpd"]}, "unknown metrics"),
 ])
