@@ -315,13 +315,12 @@ def fashion_quality(images: np.ndarray | Tensor, *, seed: int = 0, batch_size: i
                      "predicted_classes: how many samples the classifier puts in each class"}
 
 
-def _quality_report(samples, images: np.ndarray, wanted: set[str], references, extractor: M.FeatureExtractor,
+def _quality_report(images: np.ndarray, wanted: set[str], references, extractor: M.FeatureExtractor,
                     **kw) -> dict:
-    """The report's ``samples`` and ``sample_quality`` sections (FID against ``references``, IS)."""
+    """The report's ``sample_quality`` section (FID against ``references``, IS)."""
     q = sample_quality(images, references if "fid" in wanted else (), extractor, inception_score="is" in wanted,
                        **kw)
-    return {"samples": {"path": str(samples), "n": q["n"], "shape": list(images.shape)},
-            "sample_quality": q | {
+    return {"sample_quality": q | {
                 "about": "FID (Heusel et al. 2017) between the samples' and each reference split's features; "
                          "IS (Salimans et al. 2016) as mean ± std over splits. The paper: 50k samples, "
                          "FID 3.17 against CIFAR10 train, 5.24 against test, IS 9.46 ± 0.11."}}
@@ -396,13 +395,15 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(), "device": _device_name(dev), "metrics": [m for m in METRICS if m in wanted],
     }
-    images = load_samples(samples) if samples is not None else None  # checked before any network loads
+    sample_metrics = wanted & {"fid", "is", "fid_fashion"}
+    images = load_samples(samples) if sample_metrics else None  # checked before any network loads
+    if images is not None:
+        report["samples"] = {"path": str(samples), "n": int(images.shape[0]), "shape": list(images.shape)}
     if wanted & {"fid", "is"}:
         extractor = extractor if extractor is not None else M.InceptionV3(device=dev, download=download)
-        report |= _quality_report(samples, images, wanted, references, extractor, splits=splits,
+        report |= _quality_report(images, wanted, references, extractor, splits=splits,
                                   batch_size=batch_size, cache_dir=cache_dir, download=download, progress=progress)
     if "fid_fashion" in wanted:
-        report["samples"] = {"path": str(samples), "n": int(images.shape[0]), "shape": list(images.shape)}
         report["sample_quality_fashion"] = fashion_quality(images, seed=seed, batch_size=batch_size,
                                                            cache_dir=cache_dir, download=download, progress=progress)
     if wanted & {"nll", "rd"}:

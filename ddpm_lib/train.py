@@ -328,7 +328,8 @@ def _open_run_dir(out: Path, cfg: Config, resume: bool, dist_info: DistInfo) -> 
     barrier(dist_info)  # every process has checked before the main one writes
     if dist_info.is_main:
         for p in out.iterdir():
-            if ckpt_io.is_temp_file(p) or (not ckpt_path.is_file() and p.name in RUN_LEFTOVERS[:-1]):
+            leftover = p.name in RUN_LEFTOVERS and p.name != LOCK_NAME  # the lock is held, not left over
+            if ckpt_io.is_temp_file(p) or (not ckpt_path.is_file() and leftover):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         ckpt_io.write_config(out, cfg)
     return ckpt_path.is_file()

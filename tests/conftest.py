@@ -6,3 +6,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Tests import their shared helpers (tests/fakes.py) as a plain module.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+import pytest  # noqa: E402 - after the path set-up above
+
+
+@pytest.fixture
+def cifar_cache(tmp_path_factory, monkeypatch):
+    """A fake CIFAR10 (40 random 32×32 images) in the cifar-10-batches-py format, also found through
+    $DDPM_LIB_CACHE (for the CLI)."""
+    from fakes import write_fake_cifar10
+
+    root = tmp_path_factory.mktemp("cache")
+    write_fake_cifar10(root, per_batch=8)
+    monkeypatch.setenv("DDPM_LIB_CACHE", str(root))
+    return root

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import write_fake_cifar10
 from PIL import Image
 
 import ddpm_lib.checkpoint as ckpt_io
@@ -18,15 +17,6 @@ from ddpm_lib.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--no-progress", "--sample-every", "0", "--device", "cpu"]
-
-
-@pytest.fixture
-def cifar_cache(tmp_path_factory, monkeypatch):
-    """A fake CIFAR10 in the cifar-10-batches-py format, found through $DDPM_LIB_CACHE."""
-    root = tmp_path_factory.mktemp("cache")
-    write_fake_cifar10(root, per_batch=8)
-    monkeypatch.setenv("DDPM_LIB_CACHE", str(root))
-    return root
 
 
 def test_train_resume_further_then_sample(tmp_path, cifar_cache, capsys):

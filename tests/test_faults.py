@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import write_fake_cifar10
 from PIL import Image
 
 import ddpm_lib.checkpoint as ckpt_io
@@ -22,14 +21,6 @@ from ddpm_lib.cli import main
 from ddpm_lib.locks import InUseError, hold
 
 FAST = ["--no-progress", "--sample-every", "0", "--device", "cpu"]
-
-
-@pytest.fixture
-def cifar_cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.mktemp("cache")
-    write_fake_cifar10(root, per_batch=8)
-    monkeypatch.setenv("DDPM_LIB_CACHE", str(root))
-    return root
 
 
 def one_line_error(capsys, *needles: str) -> str:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import write_fake_cifar10
 
 import ddpm_lib.checkpoint as ckpt_io
 from ddpm_lib.configs import get_config
@@ -29,14 +28,6 @@ from ddpm_lib.train import (
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, tensorboard=False, sample_every=0)
-
-
-@pytest.fixture
-def cifar_cache(tmp_path_factory):
-    """A fake CIFAR10 (40 random 32×32 images) in the cifar-10-batches-py format."""
-    root = tmp_path_factory.mktemp("cache")
-    write_fake_cifar10(root, per_batch=8)
-    return root
 
 
 def tiny(steps: int, **train_overrides):
