@@ -109,7 +109,7 @@ def _add_train(sub) -> None:
     t.add_argument("--seed", type=_int_at_least(0), help="seed of the initialization, data order and noise")
     t.add_argument("--label-drop", type=_unit_float,
                    help="class-conditional configs: probability of training on the null label (default 0.1)")
-    t.add_argument("--data", help="data to train on instead of the config's: a data set (cifar10, digits) "
+    t.add_argument("--data", help="data to train on instead of the config's: a data set (cifar10, fashion, digits) "
                                   "or a folder of images")
     t.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, tf32 (fp32 with TF32 matmuls on CUDA) or bf16 autocast")
@@ -180,7 +180,7 @@ def _add_eval(sub) -> None:
                    help="default: fid and is for --samples; nll and rd added for --checkpoint; fid_fashion: FID "
                         "in a Fashion-MNIST classifier's features (offline), with its floor")
     e.add_argument("--data", default=None,
-                   help="images for the bound: a dataset name (cifar10, digits), .npz/.npy or a folder "
+                   help="images for the bound: a dataset name (cifar10, fashion, digits), .npz/.npy or a folder "
                         "(default: the checkpoint's training dataset)")
     e.add_argument("--split", choices=("train", "test"), default="test", help="split of --data for the bound")
     e.add_argument("--max-images", type=_int_at_least(1), default=None, help="cap the images in the bound")

@@ -239,8 +239,8 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True, s
             reason = getattr(e, "reason", None) or e
             raise DataUnavailableError(
                 f"CIFAR10 is not in {folder} and could not be downloaded ({reason}). Connect to the internet, "
-                "or train offline: --config digits (8×8 digits bundled with scikit-learn) or --data DIR "
-                "(a folder of images)") from None
+                "or train offline: --config fashion (Fashion-MNIST: apt-get install dataset-fashion-mnist) "
+                "or --data DIR (a folder of images)") from None
     batches = [read_cifar10_batch(folder / f) for f in files[split]]
     images = np.concatenate([b[0] for b in batches])
     labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
@@ -389,7 +389,7 @@ def make_dataset(dataset: str, image_size: int, channels: int = 3,
     CIFAR10 is resized to ``image_size`` when the config asks for another resolution (``tiny``: 16).
     """
     if not dataset:
-        raise ValueError("no training data: set TrainConfig.dataset to 'cifar10', 'digits' "
+        raise ValueError("no training data: set TrainConfig.dataset to 'cifar10', 'fashion', 'digits' "
                          "or pass a folder of images (--data DIR)")
     if dataset.lower() not in NAMED_DATASETS:
         return ImageFolder(dataset, image_size, channels)
@@ -500,7 +500,7 @@ def iterate_batches(dataset, global_batch: int, seed: int, start_step: int, stop
     if with_labels:
         if not isinstance(dataset, TensorImages) or dataset.labels is None:
             raise ValueError(f"dataset {getattr(dataset, 'name', dataset)!r} has no class labels: class-conditional "
-                             "training needs a labelled dataset ('cifar10' or 'digits')")
+                             "training needs a labelled dataset ('cifar10', 'fashion' or 'digits')")
         for step in range(start_step, stop_step):
             idx = batch_indices(len(dataset), global_batch, step, seed, rank, world_size)
             images = dataset.batch(idx)

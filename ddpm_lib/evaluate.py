@@ -238,7 +238,7 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
 
 def bound_images(data: str, split: str, image_size: int, channels: int,
                  cache_dir: str | os.PathLike | None = None, download: bool = True) -> TensorImages:
-    """The images whose NLL bound is measured: ``cifar10`` or ``digits`` (``split`` train/test), a
+    """The images whose NLL bound is measured: a named data set (``split`` train/test), a
     samples-style ``.npz``/``.npy`` file, or a folder of images; resized to the model's size."""
     if data in NAMED_DATASETS:
         ds = load_split(data, split, cache_dir, download)
@@ -375,7 +375,7 @@ def run_eval(out_json: str | os.PathLike, *, samples: str | os.PathLike | None =
             with ``nll``). Default: fid + is with samples, nll + rd with a checkpoint.
         references: (dataset, split) pairs for FID; default CIFAR10 train (the paper's 3.17) and test.
         data, split, max_images: the images of the bound: default the checkpoint's training dataset
-            (``cifar10`` or ``digits``) at ``split``; or an ``.npz`` / ``.npy`` / folder of images.
+            (a named data set) at ``split``; or an ``.npz`` / ``.npy`` / folder of images.
         batch_size: images per batch for the feature extractor and for the bound.
         seed: the noise of the bound's x_t draws. splits: IS splits.
         device: where the model and Inception run (default CUDA when available).

@@ -22,7 +22,7 @@ from .diffusion import GaussianDiffusion
 from .unet import UNet
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BOOK_MODELS = ("digits", "digits_cond")
+BOOK_MODELS = ("fashion", "fashion_cond")
 
 
 @dataclass
@@ -60,10 +60,11 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device | None
     return LoadedModel(model.to(device).eval(), GaussianDiffusion.from_config(cfg.diffusion), cfg, step)
 
 
-def load_book_model(device: str | torch.device = "cpu", name: str = "digits") -> LoadedModel:
-    """One of the book's small models, EMA weights, trained on scikit-learn's 8×8 digits by
-    ``tools/train_book_model.py``: ``"digits"`` (1.0M parameters, T = 1000, ε-prediction, σ² = β_t)
-    or ``"digits_cond"`` (the same network conditioned on the digit class, for classifier-free guidance).
+def load_book_model(device: str | torch.device = "cpu", name: str = "fashion") -> LoadedModel:
+    """One of the book's small models, EMA weights, trained on Fashion-MNIST (28×28, grey) by
+    ``tools/train_book_model.py``: ``"fashion"`` (1.1M parameters, T = 1000, the paper's β, ε-prediction,
+    σ² = β_t) or ``"fashion_cond"`` (the same network conditioned on the 10 classes, for classifier-free
+    guidance).
 
     They ship inside the package (``ddpm_lib/weights/``), so they load offline and in Colab.
     """

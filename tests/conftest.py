@@ -21,3 +21,16 @@ def cifar_cache(tmp_path_factory, monkeypatch):
     write_fake_cifar10(root, per_batch=8)
     monkeypatch.setenv("DDPM_LIB_CACHE", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    """Fashion-MNIST's test split, read from Debian's dataset-fashion-mnist: skipped where the package is not
+    installed, a failure where DDPM_REQUIRE_FASHION is set (CI installs it and sets it)."""
+    from ddpm_lib import data
+
+    if not (data.FASHION_DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        if os.environ.get("DDPM_REQUIRE_FASHION"):
+            pytest.fail("DDPM_REQUIRE_FASHION is set but dataset-fashion-mnist is not installed")
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    return data.load_split("fashion", "test", download=False)

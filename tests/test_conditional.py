@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+from fakes import digits_config
 
 import ddpm_lib.checkpoint as ckpt_io
 from ddpm_lib import GaussianDiffusion, UNet, get_config, make_beta_schedule
 from ddpm_lib.cli import main as cli_main
-from ddpm_lib.data import TensorImages, iterate_batches, load_digits, to_model_range
+from ddpm_lib.data import TensorImages, iterate_batches, load_digits
 from ddpm_lib.generation import generate
 from ddpm_lib.guidance import Guided, resolve_class_labels
 from ddpm_lib.loading import load_for_sampling
@@ -39,9 +39,7 @@ def cond_unet(num_classes: int = 3, seed: int = 0) -> UNet:
 
 
 def small_digits_cond(steps: int, **train_overrides):
-    cfg = get_config("digits_cond")
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, batch_size=16,
-                                                              **train_overrides))
+    return digits_config(conditional=True, steps=steps, **train_overrides)
 
 
 # ---------------------------------------------------------------- the network
@@ -268,27 +266,3 @@ def test_sample_cli_refuses_labels_for_an_unconditional_checkpoint(tmp_path, cap
     assert cli_main(["train", "--config", "tiny", "--out", str(tmp_path / "run"), "--label-drop", "0.2"]) == 1
     assert "--label-drop is for class-conditional configs" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-# ---------------------------------------------------------------- the shipped book model
-
-
-def test_shipped_conditional_book_model_loads_and_uses_its_labels():
-    from ddpm_lib.loading import WEIGHTS_DIR, load_book_model
-
-    assert (WEIGHTS_DIR / "digits_cond.safetensors").is_file(), "run tools/train_book_model.py --config digits_cond"
-    book = load_book_model(name="digits_cond")
-    assert book.config.name == "digits_cond" and book.config.model.num_classes == 10
-    assert book.step == book.config.train.steps
-    test = load_digits("test")
-    x0, labels = to_model_range(test.images[:128]), test.labels[:128]
-    losses = {}
-    for name, y in (("true", labels), ("wrong", (labels + 5) % 10), ("null", None)):
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            model = book.model if y is None else (lambda x, t, y=y: book.model(x, t, y))
-            losses[name] = book.diffusion.training_losses(model, x0, generator=g).mean().item()
-    # The right label helps predict the noise; a wrong one hurts; ∅ is in between.
-    assert losses["true"] < losses["null"] < losses["wrong"] and losses["true"] < 0.2
-    with pytest.raises(ValueError, match="book model"):
-        load_book_model(name="cifar10")

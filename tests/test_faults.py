@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import digits_config
 from PIL import Image
 
 import ddpm_lib.checkpoint as ckpt_io
@@ -283,21 +284,21 @@ def test_offline_cifar10_is_a_one_line_error_that_says_what_to_do(tmp_path, monk
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     run = tmp_path / "run"
     assert train_tiny(run) == 1
-    one_line_error(capsys, "CIFAR10 is not in", "Temporary failure in name resolution", "--config digits")
+    one_line_error(capsys, "CIFAR10 is not in", "Temporary failure in name resolution", "--config fashion")
     assert main(["train", "--config", "tiny", "--out", str(run), "--steps", "1", "--batch-size", "4",
                  "--data", str(tmp_path / "nowhere"), *FAST]) == 1
     one_line_error(capsys, "neither a data set (cifar10, digits, fashion) nor a folder")
 
 
-def test_train_takes_a_named_data_set_and_prints_lines_without_a_bar(tmp_path, capsys):
+def test_train_takes_a_named_data_set_and_prints_lines_without_a_bar(tmp_path, capsys, fashion_test):
     run = tmp_path / "run"
-    argv = ["train", "--config", "digits", "--data", "digits", "--out", str(run), "--steps", "4", "--batch-size",
+    argv = ["train", "--config", "fashion", "--data", "fashion", "--out", str(run), "--steps", "4", "--batch-size",
             "8", "--log-every", "2", "--sample-every", "1000", "--num-samples", "4", "--no-progress",
             "--device", "cpu"]
     t0 = time.perf_counter()
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "digits step 2/4: loss" in out and "digits step 4/4: loss" in out
+    assert "fashion step 2/4: loss" in out and "fashion step 4/4: loss" in out
     assert (run / "samples" / "step_0000004.png").is_file()  # a grid at the end, though sample_every > steps
     assert time.perf_counter() - t0 < 600
 
@@ -310,7 +311,6 @@ def test_debug_shows_the_traceback_instead_of_one_line(tmp_path):
 
 def test_digits_are_never_mirrored(tmp_path, monkeypatch, capsys):
     """App. B's random flips suit photographs, not digits: a config asking for them on digits trains without."""
-    import dataclasses
     import importlib
 
     from ddpm_lib.data import mirror_invariant
@@ -320,7 +320,6 @@ def test_digits_are_never_mirrored(tmp_path, monkeypatch, capsys):
     seen = []
     real = T.iterate_batches
     monkeypatch.setattr(T, "iterate_batches", lambda *a, **kw: seen.append(a[7]) or real(*a, **kw))
-    cfg = get_config("digits")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1, batch_size=4, random_flip=True))
+    cfg = digits_config(steps=1, batch_size=4, random_flip=True)
     T.train(cfg, tmp_path / "run", device="cpu", progress=False, tensorboard=False, sample_every=0)
     assert seen == [False] and "digits: no random flips" in capsys.readouterr().out

@@ -222,7 +222,7 @@ def test_improved_options_train_and_sample(tmp_path):
 
 
 def test_configs_round_trip_the_new_fields_and_old_configs_load_with_defaults():
-    for cfg in (improved_tiny(), get_config("cifar10_cond"), get_config("digits_cond")):
+    for cfg in (improved_tiny(), get_config("cifar10_cond"), get_config("fashion_cond")):
         assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
     # The paper's configs are written as before these fields existed, and such old configs load.
     old = config_to_dict(get_config("cifar10"))

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("loading and generation", {"loading", "generation"}),
     ("training", {"train"}),
     ("evaluation", {"evaluate"}),
-    ("the book and its studies", {"viz", "studies", "studies.table2", "studies.beyond"}),
+    ("the book and its studies", {"viz", "studies", "studies.table2", "studies.beyond", "studies.figures"}),
     ("entry points", {"cli", "__main__", "__init__"}),
 ]
 MATH = {"schedules", "losses", "diffusion", "guidance", "samplers", "langevin"}

@@ -3,8 +3,6 @@ extremes, cached reference statistics, and the Inception replica's wiring (offli
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -221,30 +219,19 @@ def test_reference_statistics_are_computed_once_then_read_from_the_cache(tmp_pat
 # ---------------------------------------------------------------- fid_fashion (the shipped classifier's features)
 
 
-@pytest.fixture(scope="module")
-def fashion_data():
-    from ddpm_lib import data
-
-    if not (data.FASHION_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
-        if os.environ.get("DDPM_REQUIRE_FASHION"):
-            pytest.fail("DDPM_REQUIRE_FASHION is set but dataset-fashion-mnist is not installed")
-        pytest.skip("apt-get install dataset-fashion-mnist")
-    return data.load_split("fashion", "test", download=False)
-
-
-def test_the_shipped_fashion_classifier_scores_what_its_record_says(fashion_data):
+def test_the_shipped_fashion_classifier_scores_what_its_record_says(fashion_test):
     import json
 
     record = json.loads(M.FASHION_WEIGHTS.with_suffix(".json").read_text())
-    _, logits = M.extract(fashion_data.images, M.FashionFeatures(), batch_size=1000)
-    accuracy = float((torch.from_numpy(logits.argmax(1)) == fashion_data.labels).double().mean())
+    _, logits = M.extract(fashion_test.images, M.FashionFeatures(), batch_size=1000)
+    accuracy = float((torch.from_numpy(logits.argmax(1)) == fashion_test.labels).double().mean())
     assert accuracy == pytest.approx(record["test_accuracy"], abs=1e-4) and accuracy > 0.88
 
 
-def test_fid_fashion_sits_at_its_floor_for_real_images_and_far_above_it_for_noise(fashion_data, tmp_path):
+def test_fid_fashion_sits_at_its_floor_for_real_images_and_far_above_it_for_noise(fashion_test, tmp_path):
     from ddpm_lib.evaluate import fashion_quality
 
-    real = fashion_data.images[5000:5500]  # real test images: a perfect sampler
+    real = fashion_test.images[5000:5500]  # real test images: a perfect sampler
     noise = torch.randint(0, 256, real.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     q_real = fashion_quality(real, cache_dir=tmp_path, download=False)
     q_noise = fashion_quality(noise, cache_dir=tmp_path, download=False)
@@ -257,14 +244,14 @@ def test_fid_fashion_sits_at_its_floor_for_real_images_and_far_above_it_for_nois
     assert smaller["n"] == 500 and np.isfinite(smaller["fid"]["fashion-train"])
 
 
-def test_eval_reports_fid_fashion_from_the_command_line(fashion_data, tmp_path, monkeypatch):
+def test_eval_reports_fid_fashion_from_the_command_line(fashion_test, tmp_path, monkeypatch):
     import json
 
     from ddpm_lib.cli import main
 
     monkeypatch.setenv("DDPM_LIB_CACHE", str(tmp_path / "cache"))
     samples = tmp_path / "s.npz"
-    np.savez(samples, images=fashion_data.images[:300].permute(0, 2, 3, 1).numpy())
+    np.savez(samples, images=fashion_test.images[:300].permute(0, 2, 3, 1).numpy())
     assert main(["eval", "--samples", str(samples), "--metrics", "fid_fashion", "--out", str(tmp_path / "r.json"),
                  "--no-progress", "--no-download"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())["sample_quality_fashion"]

@@ -3,24 +3,33 @@ as JSON beside its module.
 
 * ``table2`` — Table 2 of the paper at small scale (``python -m ddpm_lib.studies.table2``), results
   ``table2_small.json``, loaded by the ε chapter and the experiments chapter.
-* ``beyond`` — DDIM steps, classifier-free guidance, schedules and learned variances on 8×8 digits
-  (``python -m ddpm_lib.studies.beyond``), results ``beyond_small.json``, loaded by the closing chapter.
+* ``beyond`` — DDIM steps and classifier-free guidance on the book's Fashion-MNIST models, schedules and
+  learned variances on 8×8 digits (``python -m ddpm_lib.studies.beyond``), results ``beyond_small.json``,
+  loaded by the closing chapter.
+* ``figures`` — the book model's slow figures: the bound of eq. 5 on test images, Fig. 7's shared latents,
+  DDIM's consistency (``python -m ddpm_lib.studies.figures``), results ``figures_small.json``, loaded by the
+  ELBO, experiments and closing chapters.
 
-``load_results(name)`` reads a study's shipped results; ``write_results``, ``to_json`` and ``machine_note``
+``load_results(name)`` reads a study's shipped results; ``write_results``, ``to_json``, ``machine_note``,
+``keep_images`` (uint8 images as base64 in the JSON; ``stored_images`` reads them back) and ``file_sha256``
 are how the studies write them.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import platform
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 
 RESULTS_DIR = Path(__file__).resolve().parent
-RESULTS = {"table2": "table2_small.json", "beyond": "beyond_small.json"}
+RESULTS = {"table2": "table2_small.json", "beyond": "beyond_small.json", "figures": "figures_small.json"}
 
 
 def results_path(name: str) -> Path:
@@ -64,3 +73,22 @@ def machine_note() -> str:
         pass
     return (f"{cpu} ({torch.get_num_threads()} thread), Python {platform.python_version()}, "
             f"torch {torch.__version__}, {platform.system()}")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def keep_images(images: Tensor | np.ndarray, n: int) -> dict:
+    """The first n uint8 grey images for the JSON: their shape and their bytes, base64."""
+    x = torch.as_tensor(np.asarray(images[:n])) if isinstance(images, np.ndarray) else images[:n]
+    if x.shape[1] != 1:  # generate's [n, H, W, 1]
+        x = x.permute(0, 3, 1, 2)
+    x = x.contiguous()
+    return {"shape": list(x.shape), "uint8_base64": base64.b64encode(x.numpy().tobytes()).decode("ascii")}
+
+
+def stored_images(kept: dict) -> Tensor:
+    """The inverse of ``keep_images``: uint8 [n, 1, H, W]."""
+    data = np.frombuffer(base64.b64decode(kept["uint8_base64"]), dtype=np.uint8)
+    return torch.from_numpy(data.copy()).reshape(kept["shape"])
