@@ -10,12 +10,12 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from fakes import TinyNet
 
 from ddpm_lib import GaussianDiffusion, get_config, make_beta_schedule, studies
 from ddpm_lib.evaluate import dataset_nll
 from ddpm_lib.loading import LoadedModel
 from ddpm_lib.studies import figures
-from fakes import TinyNet
 
 T_SMALL = 25
 

@@ -82,20 +82,22 @@ class BeyondSettings:
 
     # sampling: the unconditional book model, DDIM against Algorithm 2
     n_samples: int = 500  # images per sampler with S < T
-    n_long: int = 200  # images for a row with T steps (Algorithm 2, or DDIM with S = T)
+    n_long: int = 100  # images for a row with T steps (Algorithm 2, or DDIM with S = T)
     n_floor_draws: int = 10  # draws of real test images for the floor
     sample_seed: int = 0
     ddim_steps: list[int] = field(default_factory=lambda: [10, 20, 50, 100])
     ddim_etas: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    eta1_max_steps: int = 100  # η = 1 only up to this S (at S = T it is Algorithm 2 with σ² = β̃)
+    eta1_steps: list[int] = field(default_factory=lambda: [10, 50])  # the S sampled with η = 1 too
     ddpm: bool = True  # also Algorithm 2 (σ² = β_t), T steps
     n_keep: int = 8  # images of each sampler stored in the JSON (uint8)
+    sample_batch: int = 100  # images per network call (larger batches run slower per image on a CPU)
     # guidance: the conditional book model
     guidance_scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0])
-    guidance_n: int = 500  # images per scale, classes i mod 10
+    guidance_n: int = 300  # images per scale, classes i mod 10
     guidance_steps: int = 50  # DDIM, η = 0
     guidance_seed: int = 0
     guidance_keep: int = 20  # images per scale stored in the JSON: two of each class
+    guidance_batch: int = 50  # images per guided call (two network evaluations each)
     # likelihood: the training study on 8×8 digits
     T: int = 1000
     steps: int = 2000
@@ -175,7 +177,7 @@ def within_class_distance(values: Tensor | np.ndarray, labels: Tensor) -> list[f
 def sampler_runs(s: BeyondSettings, T: int) -> list[tuple[str, int, float]]:
     """(sampler, steps, η) of the sampling part, in the order they run."""
     runs = [("ddim", S, float(eta)) for eta in s.ddim_etas for S in s.ddim_steps
-            if S <= T and (eta == 0 or S <= s.eta1_max_steps)]
+            if S <= T and (eta == 0 or S in s.eta1_steps)]
     return runs + ([("ddpm", T, 0.0)] if s.ddpm else [])
 
 
@@ -189,7 +191,7 @@ def run_sampling(s: BeyondSettings, yard: Yardstick, log=print) -> dict:
         n = s.n_long if steps >= T else s.n_samples
         images = generate(book.model, book.diffusion, n, sampler=sampler,
                           steps=steps if sampler == "ddim" else None, eta=eta, seed=s.sample_seed,
-                          batch_size=n, progress=False)  # uint8 [n, 28, 28, 1]
+                          batch_size=min(n, s.sample_batch), progress=False)  # uint8 [n, 28, 28, 1]
         feats, probs = yard.features(images)
         fid = yard.fid(feats)
         conf = float(probs.max(-1).values.mean())
@@ -229,7 +231,7 @@ def run_guidance(s: BeyondSettings, yard: Yardstick, log=print) -> dict:
     for w in s.guidance_scales:
         t0 = time.perf_counter()
         images = generate(book.model, book.diffusion, s.guidance_n, sampler="ddim", steps=s.guidance_steps,
-                          eta=0.0, seed=s.guidance_seed, batch_size=s.guidance_n, progress=False,
+                          eta=0.0, seed=s.guidance_seed, batch_size=min(s.guidance_n, s.guidance_batch), progress=False,
                           class_labels="cycle", guidance_scale=w)
         r = {"w": float(w), **fidelity_and_diversity(yard, images, labels)}
         r["per_class_accuracy"] = [float((torch.tensor(r["predicted"])[labels == k] == k).double().mean())
@@ -349,13 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=d.n_samples, help="samples per sampler with S < T (sampling)")
     p.add_argument("--n-long", type=int, default=d.n_long, help="samples for the T-step samplers (sampling)")
     p.add_argument("--ddim-steps", type=int, nargs="+", default=d.ddim_steps, help="DDIM step counts S")
+    p.add_argument("--eta1-steps", type=int, nargs="+", default=d.eta1_steps, help="the S also sampled with η = 1")
     p.add_argument("--no-ddpm", action="store_true", help="skip Algorithm 2 (T steps) in the sampling part")
     p.add_argument("--guidance-n", type=int, default=d.guidance_n, help="samples per guidance scale")
     p.add_argument("--guidance-steps", type=int, default=d.guidance_steps, help="DDIM steps when guiding")
     args = p.parse_args(argv)
     s = BeyondSettings(steps=args.steps, T=args.T, n_bound=args.n_bound, n_samples=args.n_samples, n_long=args.n_long,
-                 ddim_steps=args.ddim_steps, ddpm=not args.no_ddpm, guidance_n=args.guidance_n,
-                 guidance_steps=args.guidance_steps)
+                       ddim_steps=args.ddim_steps, eta1_steps=args.eta1_steps, ddpm=not args.no_ddpm,
+                       guidance_n=args.guidance_n, guidance_steps=args.guidance_steps)
     torch.set_num_threads(1)  # one thread: reductions add up in the same order on every run
     command = " ".join(["python -m ddpm_lib.studies.beyond", *(sys.argv[1:] if argv is None else argv)])
     new = run_all(s, tuple(args.parts), log=lambda line: print(line, flush=True))
