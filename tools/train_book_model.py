@@ -17,8 +17,8 @@ run again (a checkpoint every 500 steps). What the models' samples are worth is 
 its real-data floor, and the classifier's accuracy on conditional samples per guidance scale).
 
 The shipped weights: both trained on this project's 2-core CPU (AMD EPYC), one thread each, side by side,
-``--threads 1`` (2026-12-01; the times are in each ``<config>.metrics.csv``, whose last column is images/s).
-On a GPU, ``--device cuda`` takes a few minutes.
+``--threads 1`` (2026-12-01): 74 min each (each ``<config>.metrics.csv`` has the loss and images/s every
+100 steps). ``--device cuda`` trains on a GPU.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=None, help="run directory (default runs/book-<config>)")
     p.add_argument("--out", type=Path, default=None,
                    help="where the EMA weights go (default ddpm_lib/weights/<config>.safetensors)")
-    p.add_argument("--device", default="cpu", help="cpu (about 70 min on one core of this project's CPU) or cuda")
+    p.add_argument("--device", default="cpu", help="cpu (about 75 min on one core of this project's CPU) or cuda")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     args = p.parse_args()
     run = args.run or ROOT / "runs" / f"book-{args.config}"
