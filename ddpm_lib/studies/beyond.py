@@ -6,8 +6,9 @@ measures, on a CPU, how three later ideas answer those limits. Its results ship 
 ``ddpm_lib/studies/beyond_small.json``, which the chapter ``book/beyond.ipynb`` loads
 (``studies.load_results("beyond")``) and partly recomputes.
 
-**The quality measure** (``Yardstick``): ``fid_fashion`` (``evaluate.fashion_quality``), the Fréchet
-distance between the samples' features and those of Fashion-MNIST's 60,000 training images, in the
+**The quality measure** (``Yardstick``): the FID of ``eval --metrics fid_fashion``
+(``evaluate.fashion_quality``), built from the same pieces of ``metrics``: the Fréchet distance between
+the samples' features and those of Fashion-MNIST's 60,000 training images, in the
 128 hidden features of the shipped Fashion-MNIST classifier (``metrics.FashionFeatures``; 91.97% test
 accuracy). FID is biased upward at small n, so every FID here stands beside its floor: the FID of n
 real test images (never trained on) against the training split, over ``n_floor_draws`` random draws
