@@ -101,7 +101,7 @@ CONFIGS: dict[str, Config] = {
     # The book's model: Fashion-MNIST (28×28 grey, 60,000 training images; Debian's dataset-fashion-mnist offline),
     # the paper's T = 1000, linear β, ε-prediction and σ² = β_t, with the paper's UNet scaled down to 1.1M
     # parameters (ch 32, three levels 28/14/7, one block per level, attention at 7×7) so that 6,000 steps of
-    # batch 64 train on one CPU core in about 75 minutes. No dropout (six epochs do not overfit) and no flips
+    # batch 64 train on one CPU core in 74 minutes. No dropout (six epochs do not overfit) and no flips
     # (the data's shoes face one way: 96% of its ankle boots have more of their lower half on the right).
     # Trained by tools/train_book_model.py; its EMA weights ship in ddpm_lib/weights/.
     "fashion": Config(

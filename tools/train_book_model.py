@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=None, help="run directory (default runs/book-<config>)")
     p.add_argument("--out", type=Path, default=None,
                    help="where the EMA weights go (default ddpm_lib/weights/<config>.safetensors)")
-    p.add_argument("--device", default="cpu", help="cpu (about 75 min on one core of this project's CPU) or cuda")
+    p.add_argument("--device", default="cpu", help="cpu (74 min on one core of this project's CPU) or cuda")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     args = p.parse_args()
     run = args.run or ROOT / "runs" / f"book-{args.config}"
