@@ -63,3 +63,24 @@ def digits_config(conditional: bool = False, steps: int = 4, batch_size: int = 1
     return Config("digits_cond" if conditional else "digits", model=model,
                   train=TrainConfig(**{"dataset": "digits", "batch_size": batch_size, "lr": 1e-3, "warmup": 200,
                                        "ema_decay": 0.999, "steps": steps, "random_flip": False, **train}))
+
+
+def without_timings(obj):
+    """A study's results with every ``"seconds"`` (wall time, the one thing a rerun changes) left out."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+
+
+def run_study_twice(main, args: list[str], tmp_path: Path) -> tuple[dict, dict, list[Path]]:
+    """A study's command (``main``) run twice with ``args``, into two files: both results without their
+    timings, and the two paths."""
+    import json
+
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path in paths:
+        assert main([*args, "--out", str(path)]) == 0
+    a, b = (without_timings(json.loads(path.read_text(encoding="utf8"))) for path in paths)
+    return a, b, paths

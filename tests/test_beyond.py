@@ -10,6 +10,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from fakes import run_study_twice
 
 from ddpm_lib import studies
 from ddpm_lib.studies import beyond, load_results
@@ -77,15 +78,7 @@ def test_learned_variance_models_have_two_output_channels() -> None:
 def test_the_command_writes_every_part_and_is_deterministic(tmp_path, yard) -> None:
     args = ["--steps", "3", "--T", "25", "--n-bound", "4", "--n-samples", "6", "--n-long", "4",
             "--ddim-steps", "2", "--eta1-steps", "2", "--no-ddpm", "--guidance-n", "20", "--guidance-steps", "2"]
-    paths = [tmp_path / "a.json", tmp_path / "b.json"]
-    for path in paths:
-        assert beyond.main([*args, "--out", str(path)]) == 0
-    a, b = (json.loads(p.read_text(encoding="utf8")) for p in paths)
-    for part in beyond.PARTS:
-        a[part].pop("seconds"), b[part].pop("seconds")
-        for r in a[part].get("runs", []) + a[part].get("variants", []) + b[part].get("runs", []) + b[
-                part].get("variants", []):
-            r.pop("seconds")
+    a, b, _ = run_study_twice(beyond.main, args, tmp_path)
     assert a["sampling"] == b["sampling"] and a["guidance"] == b["guidance"] and a["likelihood"] == b["likelihood"]
     assert [(r["sampler"], r["steps"], r["eta"]) for r in a["sampling"]["runs"]] == [("ddim", 2, 0.0), ("ddim", 2, 1.0)]
     assert set(a["sampling"]["floor"]) == {"4", "6"} and all(math.isfinite(r["fid"]) for r in a["sampling"]["runs"])

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from fakes import TinyNet
+from fakes import TinyNet, run_study_twice
 
 from ddpm_lib import GaussianDiffusion, get_config, make_beta_schedule, studies
 from ddpm_lib.evaluate import dataset_nll
@@ -51,14 +51,8 @@ def test_the_first_batch_of_the_bound_alone_gives_its_images_totals(stand_in, fa
 def test_the_command_writes_every_part_deterministically_and_keeps_other_parts(stand_in, tmp_path) -> None:
     args = ["--n-bound", "2", "--bound-batch", "1", "--sources", "2", "--starts", "5", "25", "--chains", "2",
             "--n-consistency", "2", "--ddim-steps", "2", "5"]
-    paths = [tmp_path / "a.json", tmp_path / "b.json"]
-    for path in paths:
-        assert figures.main([*args, "--out", str(path)]) == 0
-    a, b = (json.loads(p.read_text(encoding="utf8")) for p in paths)
+    a, b, paths = run_study_twice(figures.main, args, tmp_path)
     for part in figures.PARTS:
-        a[part].pop("seconds"), b[part].pop("seconds")
-        for r in a[part].get("rows", []) + b[part].get("rows", []):
-            r.pop("seconds", None)
         assert a[part] == b[part]
     bound = a["bound"]
     assert bound["n"] == 2 and len(bound["terms"]) == T_SMALL and len(bound["x0_mse"]) == T_SMALL

@@ -11,17 +11,22 @@ as JSON beside its module.
   ELBO, experiments and closing chapters.
 
 ``load_results(name)`` reads a study's shipped results; ``write_results``, ``to_json``, ``machine_note``,
-``keep_images`` (uint8 images as base64 in the JSON; ``stored_images`` reads them back) and ``file_sha256``
-are how the studies write them.
+``command_line``, ``keep_images`` (uint8 images as base64 in the JSON; ``stored_images`` reads them back) and
+``file_sha256`` are how the studies write them. A study made of parts (``beyond``, ``figures``) takes
+``--out`` and ``--parts`` from ``add_part_arguments`` and combines a run's parts with the file's others by
+``merge_parts``.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import json
 import platform
 import re
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +97,31 @@ def stored_images(kept: dict) -> Tensor:
     """The inverse of ``keep_images``: uint8 [n, 1, H, W]."""
     data = np.frombuffer(base64.b64decode(kept["uint8_base64"]), dtype=np.uint8)
     return torch.from_numpy(data.copy()).reshape(kept["shape"])
+
+
+def command_line(module: str, argv: Sequence[str] | None) -> str:
+    """The command that ran a study: ``python -m <module>`` and its arguments (``sys.argv`` when ``argv`` is
+    None), recorded in its results."""
+    return " ".join(["python -m " + module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def add_part_arguments(p: argparse.ArgumentParser, default_out: Path, parts: Sequence[str]) -> None:
+    """``--out`` (the JSON to write) and ``--parts`` (which parts to run) of a study made of parts."""
+    p.add_argument("--out", type=Path, default=default_out, help="JSON file to write")
+    p.add_argument("--parts", nargs="+", choices=parts, default=list(parts),
+                   help="parts to (re)run; the others are kept from --out when it exists")
+
+
+def merge_parts(name: str, out: Path, new: dict, parts: Sequence[str], all_parts: Sequence[str], *,
+                settings: dict, command: str, description: str) -> dict:
+    """Study ``name``'s results after a run of ``parts``: the ``new`` parts over the other parts of ``out``
+    (when the run did not cover them all; their settings must not have changed), with the description, the
+    settings, and each new part's command and machine. ``out`` is read here, just before the caller writes
+    it, so parts run side by side in separate processes keep each other's results."""
+    result: dict = load_results(name, out) if Path(out).is_file() and set(parts) != set(all_parts) else {}
+    result.update(new)
+    result["description"] = description
+    result["settings"] = settings
+    result.setdefault("commands", {}).update({part: command for part in parts})
+    result.setdefault("machines", {}).update({part: machine_note() for part in parts})
+    return result

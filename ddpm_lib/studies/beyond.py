@@ -47,7 +47,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,7 +61,7 @@ from ..rng import global_seed
 from ..schedules import make_beta_schedule
 from ..train import fit
 from ..unet import UNet
-from . import file_sha256, keep_images, load_results, machine_note, results_path, write_results
+from . import add_part_arguments, command_line, file_sha256, keep_images, merge_parts, results_path, write_results
 
 DEFAULT_OUT = results_path("beyond")
 PARTS = ("sampling", "guidance", "likelihood")
@@ -342,9 +341,7 @@ def run_all(s: BeyondSettings, parts: tuple[str, ...] = PARTS, log=print) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                   help="parts to (re)run; the others are kept from --out when it exists")
+    add_part_arguments(p, DEFAULT_OUT, PARTS)
     d = BeyondSettings()
     p.add_argument("--steps", type=int, default=d.steps, help="training steps per variant (likelihood)")
     p.add_argument("--T", type=int, default=d.T, help="timesteps of the likelihood study (the paper: 1000)")
@@ -361,19 +358,14 @@ def main(argv: list[str] | None = None) -> int:
                        ddim_steps=args.ddim_steps, eta1_steps=args.eta1_steps, ddpm=not args.no_ddpm,
                        guidance_n=args.guidance_n, guidance_steps=args.guidance_steps)
     torch.set_num_threads(1)  # one thread: reductions add up in the same order on every run
-    command = " ".join(["python -m ddpm_lib.studies.beyond", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("ddpm_lib.studies.beyond", argv)
     new = run_all(s, tuple(args.parts), log=lambda line: print(line, flush=True))
-    # rerunning some parts keeps the others of --out (their settings must not have changed); the file is read
-    # just before it is written, so parts run side by side in separate processes keep each other's results
-    result: dict = load_results("beyond", args.out) if args.out.is_file() and set(args.parts) != set(PARTS) else {}
-    result.update(new)
-    result["description"] = ("Beyond DDPM at small scale, on a CPU: DDIM and classifier-free guidance on the book's "
-                             "Fashion-MNIST models, schedules and learned variances on scikit-learn's 8×8 digits. "
-                             "Written by ddpm_lib/studies/beyond.py; see its docstring.")
-    result["settings"] = asdict(s)
-    result.setdefault("commands", {}).update({part: command for part in args.parts})
+    result = merge_parts("beyond", args.out, new, args.parts, PARTS, settings=asdict(s), command=command,
+                         description="Beyond DDPM at small scale, on a CPU: DDIM and classifier-free guidance on "
+                                     "the book's Fashion-MNIST models, schedules and learned variances on "
+                                     "scikit-learn's 8×8 digits. Written by ddpm_lib/studies/beyond.py; see its "
+                                     "docstring.")
     result.pop("machine", None)  # parts rerun alone may run elsewhere: each part records its own machine
-    result.setdefault("machines", {}).update({part: machine_note() for part in args.parts})
     result["total_seconds"] = round(sum(result[k]["seconds"] for k in PARTS if k in result)
                                     + result.get("classifier", {}).get("seconds", 0), 1)
     write_results(args.out, result)

@@ -32,7 +32,6 @@ import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -42,7 +41,7 @@ from ..loading import WEIGHTS_DIR, load_book_model
 from ..metrics import FashionFeatures, as_nchw, extract
 from ..rng import image_generators
 from ..samplers import sample_loop
-from . import file_sha256, keep_images, load_results, machine_note, results_path, write_results
+from . import add_part_arguments, command_line, file_sha256, keep_images, merge_parts, results_path, write_results
 
 DEFAULT_OUT = results_path("figures")
 PARTS = ("bound", "shared_latents", "consistency")
@@ -138,9 +137,7 @@ def run_consistency(s: FiguresSettings, book, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                   help="parts to (re)run; the others are kept from --out when it exists")
+    add_part_arguments(p, DEFAULT_OUT, PARTS)
     d = FiguresSettings()
     p.add_argument("--n-bound", type=int, default=d.n_bound, help="test images in the bound")
     p.add_argument("--bound-batch", type=int, default=d.bound_batch, help="images per batch of the bound")
@@ -153,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     s = FiguresSettings(n_bound=args.n_bound, bound_batch=args.bound_batch, sources=args.sources, starts=args.starts,
                         chains=args.chains, n_consistency=args.n_consistency, ddim_steps=args.ddim_steps)
     torch.set_num_threads(1)  # one thread: reductions add up in the same order on every run
-    command = " ".join(["python -m ddpm_lib.studies.figures", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("ddpm_lib.studies.figures", argv)
     book = load_book_model(name=MODEL)
     weights = WEIGHTS_DIR / f"{MODEL}.safetensors"
     runners = {"bound": run_bound, "shared_latents": run_shared_latents, "consistency": run_consistency}
@@ -163,15 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         new[part] = runners[part](s, book, log=lambda line: print(line, flush=True))
         new[part] |= {"weights": weights.name, "weights_sha256": file_sha256(weights), "step": book.step,
                       "seconds": round(time.perf_counter() - t0, 1)}
-    # the other parts of --out are kept (read just before writing, so parts may run side by side)
-    result: dict = load_results("figures", args.out) if args.out.is_file() and set(args.parts) != set(PARTS) else {}
-    result.update(new)
-    result["description"] = ("The book model's slow figures (the bound of eq. 5, Fig. 7's shared latents, DDIM's "
-                             "consistency) on Fashion-MNIST, CPU. Written by ddpm_lib/studies/figures.py; see its "
-                             "docstring.")
-    result["settings"] = asdict(s)
-    result.setdefault("commands", {}).update({part: command for part in args.parts})
-    result.setdefault("machines", {}).update({part: machine_note() for part in args.parts})
+    result = merge_parts("figures", args.out, new, args.parts, PARTS, settings=asdict(s), command=command,
+                         description="The book model's slow figures (the bound of eq. 5, Fig. 7's shared latents, "
+                                     "DDIM's consistency) on Fashion-MNIST, CPU. Written by "
+                                     "ddpm_lib/studies/figures.py; see its docstring.")
     write_results(args.out, result)
     print(f"wrote {args.out}: parts {', '.join(args.parts)}")
     return 0

@@ -53,7 +53,7 @@ from ..samplers import sample_loop
 from ..schedules import make_beta_schedule
 from ..toy import GaussianMixture2D, MLPDenoiser, discretized_gaussian
 from ..train import fit
-from . import machine_note, results_path, write_results
+from . import command_line, machine_note, results_path, write_results
 
 DEFAULT_OUT = results_path("table2")
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Table2Settings(steps=args.steps, seeds=args.seeds, T=args.T, n_bound=args.n_bound, n_samples=args.n_samples)
     torch.set_num_threads(1)  # one thread: reductions add up in the same order on every run
     result = run_all(s, log=lambda line: print(line, flush=True))
-    result["command"] = " ".join(["python -m ddpm_lib.studies.table2", *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = command_line("ddpm_lib.studies.table2", argv)
     write_results(args.out, result)
     print(f"wrote {args.out} in {result['total_seconds']:.0f} s")
     return 0
