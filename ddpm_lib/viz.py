@@ -37,6 +37,20 @@ from .data import to_uint8
 
 STATIC_ENV_VAR = "DDPM_BOOK_STATIC"
 
+# The book's figure text sizes, in points. A figure is shown at its own pixel size on a desktop and shrunk to
+# the column on a phone, so its text must be large enough at full size: 11 pt at the notebooks' 80–90 dpi is
+# 12–14 px, the size of the page's own small print.
+BOOK_STYLE = {
+    "font.size": 11,
+    "axes.titlesize": 11,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+    "figure.titlesize": 12,
+}
+MIN_FONT_PT = 9  # no text in a book figure is smaller (tests/test_notebooks_text.py checks the chapters)
+
 #: What a frame-rendering function may return: an image tensor/array (see ``to_uint8_image``)
 #: or a matplotlib Figure.
 Frame = Any
@@ -98,6 +112,14 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def use_book_style() -> None:
+    """Set matplotlib's text sizes to the book's (``BOOK_STYLE``); each chapter calls it once, after
+    ``%matplotlib inline``."""
+    import matplotlib as mpl
+
+    mpl.rcParams.update(BOOK_STYLE)
+
+
 def load_sample_photo(size: int = 64, name: str = "grace_hopper.jpg") -> torch.Tensor:
     """A photograph that ships with matplotlib, as x_0 in [-1, 1]: a float64 tensor [1, 3, size, size].
 
@@ -131,7 +153,7 @@ def image_row(images: Sequence[torch.Tensor | np.ndarray], titles: Sequence[str]
     for ax, img, title in zip(axes[0], images, titles, strict=True):
         pixels = to_uint8_image(img)
         ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title)
         ax.set_axis_off()
     fig.tight_layout()
     return fig
@@ -197,7 +219,7 @@ def scrubber_html(frames: Sequence[np.ndarray], labels: Sequence[str], *, width_
         )
     parts.append(
         f'<div><input class="ddpm-scrubber-range" type="range" min="0" max="{len(frames) - 1}" step="1" '
-        f'value="0" aria-label="{html.escape(title or "timestep")}" style="width:{width_px}px" '
+        f'value="0" aria-label="{html.escape(title or "timestep")}" style="width:{width_px}px;max-width:100%" '
         f'oninput="{html.escape(_ONINPUT)}"> '
         f'<output class="ddpm-scrubber-label">{html.escape(labels[0])}</output></div>'
     )

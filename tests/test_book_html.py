@@ -4,8 +4,9 @@ The build runs here, into a temporary folder, exactly as the README builds it (`
 build . -W``, warnings are errors). Then every page of ``_toc.yml`` is opened in headless Chromium
 (Debian's ``chromium`` and ``chromium-driver``, driven by selenium), served from 127.0.0.1, and
 checked: no console errors, no request leaves the local server (MathJax ships with the book), the
-math is typeset with the paper's equation numbers, every internal link resolves, and the static
-timestep scrubber changes its picture when the slider moves.
+math is typeset with the paper's equation numbers, every internal link resolves, the static
+timestep scrubber changes its picture when the slider moves, and at a phone's, a tablet's and two
+desktops' widths (360, 768, 1280, 1920 px) nothing on a page is cut off or widens it.
 
 The browser tests skip, with the reason, when chromium, chromedriver or selenium is missing, unless
 ``DDPM_REQUIRE_BROWSER=1`` (CI sets it), in which case they fail. The checks that need no browser
@@ -387,3 +388,66 @@ def test_static_scrubber_changes_the_picture(browser, site: str) -> None:
     severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
 
+
+
+# A page at one window width: what is cut off. A display equation is cut when a glyph lies left of its box
+# (no scrolling reaches it) or right of it in a box that does not scroll; a table, image, code block or
+# slider is cut when it sticks out of the nearest box that clips it and that box does not scroll.
+_CUT_OFF_JS = """
+const done = arguments[arguments.length - 1];
+const scrolls = el => ['auto', 'scroll'].includes(getComputedStyle(el).overflowX);
+const name = el => el.tagName.toLowerCase() + (el.className && typeof el.className === 'string'
+  ? '.' + el.className.trim().split(/\\s+/).slice(0, 2).join('.') : '');
+const what = el => (el.textContent || el.getAttribute('alt') || el.getAttribute('src') || '').trim().slice(0, 50);
+const report = () => {
+  const cut = [];
+  const vw = document.documentElement.clientWidth;
+  document.querySelectorAll('div.math > mjx-container').forEach(box => {
+    // what the reader can see of the equation: its own box, inside div.math (which clips), inside the window
+    const b = box.getBoundingClientRect(), c = box.parentElement.getBoundingClientRect();
+    const seenLeft = Math.max(b.left, c.left, 0), seenRight = Math.min(b.right, c.right, vw);
+    const glyphs = Array.from(box.querySelectorAll('mjx-math mjx-c')).map(g => g.getBoundingClientRect())
+      .filter(r => r.width > 0);
+    if (!glyphs.length) return;
+    const left = Math.min(...glyphs.map(r => r.left)), right = Math.max(...glyphs.map(r => r.right));
+    const scrollable = scrolls(box) && b.left >= seenLeft - 1 && b.right <= seenRight + 1;
+    if (left < seenLeft - 1) cut.push(`equation "${what(box)}": ${Math.round(seenLeft - left)} px lost on the left`);
+    if (right > seenRight + 1 && !scrollable) cut.push(`equation "${what(box)}": cut on the right`);
+  });
+  document.querySelectorAll('article table, article img, article pre, article input, article svg').forEach(el => {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || el.closest('mjx-container')) return;
+    for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+      if (getComputedStyle(a).overflowX === 'visible') continue;
+      const b = a.getBoundingClientRect();
+      if (r.left < b.left - 1 || (r.right > b.right + 1 && !scrolls(a)))
+        cut.push(`${name(el)} "${what(el)}" cut by ${name(a)}`);
+      break;
+    }
+  });
+  const page = document.documentElement;
+  if (page.scrollWidth > page.clientWidth + 1) {
+    const wide = Array.from(document.querySelectorAll('body *')).filter(el => {
+      const r = el.getBoundingClientRect(), p = el.parentElement.getBoundingClientRect();
+      return r.width > 0 && r.right > vw + 1 && p.right <= vw + 1;
+    }).map(el => `${name(el)} "${what(el)}"`);
+    cut.push(`the page is ${page.scrollWidth} px wide in a ${page.clientWidth} px window: ${wide.slice(0, 5)}`);
+  }
+  done(cut);
+};
+(window.MathJax && MathJax.startup && MathJax.startup.promise ? MathJax.startup.promise : Promise.resolve())
+  .then(() => setTimeout(report, 100), e => done(['MathJax failed: ' + e]));
+"""
+
+
+@pytest.mark.parametrize("width", [360, 768, 1280, 1920])
+def test_nothing_is_cut_off_at_phone_tablet_and_desktop_widths(browser, site: str, width: int) -> None:
+    browser.set_window_size(width, 900)
+    try:
+        problems = []
+        for doc in toc_files():
+            browser.get(urllib.parse.urljoin(site, f"{doc}.html"))
+            problems += [f"{doc} at {width} px: {p}" for p in browser.execute_async_script(_CUT_OFF_JS)]
+    finally:
+        browser.set_window_size(1280, 1000)
+    assert not problems, "\n".join(problems)

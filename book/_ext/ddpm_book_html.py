@@ -1,6 +1,7 @@
 """A local Sphinx extension for the book's HTML (``sphinx.local_extensions`` in ``_config.yml``).
 
-It removes scripts that a page would load twice. Sphinx 7.4 registers an inline script added by
+It adds the book's stylesheet (``book/_static/ddpm.css``) to every page, and it removes scripts that a
+page would load twice. Sphinx 7.4 registers an inline script added by
 an extension during the build once as ``filename=None`` and again, when it prepares writing, as
 ``filename=""``; the two do not compare equal, so the page gets both. For sphinx-thebe's
 ``const THEBE_JS_URL = …`` that is a console error ("Identifier has already been declared"), which
@@ -9,7 +10,10 @@ the browser test (tests/test_book_html.py) rejects.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+STATIC = Path(__file__).resolve().parent.parent / "_static"
 
 
 def _script_key(script: Any) -> tuple:
@@ -33,6 +37,14 @@ def dedupe_scripts(app: Any, pagename: str, templatename: str, context: dict, do
     scripts[:] = unique
 
 
+def add_static_path(app: Any, config: Any) -> None:
+    """Serve book/_static (the stylesheet) from the built book's _static folder."""
+    if str(STATIC) not in [str(Path(app.confdir, p).resolve()) for p in config.html_static_path]:
+        config.html_static_path.append(str(STATIC))
+
+
 def setup(app: Any) -> dict[str, Any]:
+    app.connect("config-inited", add_static_path)
+    app.add_css_file("ddpm.css")
     app.connect("html-page-context", dedupe_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
