@@ -385,7 +385,8 @@ class GaussianDiffusion:
 
         t ~ Uniform{0, …, T−1} and ε ~ N(0, I) are drawn from ``generator`` unless given.
         ``loss_type="simple"``: eq. 14, ‖target − network output‖² averaged over pixels, where the
-        target is ε, x_0 or μ̃_t(x_t, x_0) for mean types eps, x0 and mu (Table 2's rows).
+        target is ε, x_0 or the posterior mean mu_tilde_t(x_t, x_0) (eq. 7) for mean types eps, x0 and mu
+        (Table 2's rows).
         ``loss_type="vlb"``: the term of eq. 5 at the drawn t, in bits/dim (L_0 at index 0); its
         expectation over t times T, plus L_T, is the bound per dimension. Learned variances train
         only through this loss or the next.

@@ -133,7 +133,7 @@ def sample_steps(diffusion: GaussianDiffusion, model: Model, shape: Sequence[int
                  progress: bool = False, y: Tensor | int | None = None,
                  guidance_scale: float = 0.0) -> Iterator[dict]:
     """The sampling chain step by step: yields, for each index t the sampler visits (``sampling_timesteps``),
-    a dict with ``t``, ``x_t`` (the step's input), ``pred_x0`` (x̂_0 predicted from it) and ``sample``
+    a dict with ``t``, ``x_t`` (the step's input), ``pred_x0`` (x0_hat, the x_0 predicted from it) and ``sample``
     (the step's output: x_{t−1} for Algorithm 2, x_s for DDIM).
 
     Starts from ``x_T`` (default N(0, I) drawn from ``generator``), or, with ``t_start``, from the x_t

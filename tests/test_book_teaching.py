@@ -5,7 +5,7 @@
   ``{solution-end}`` around code cells); at least one is a pen-and-paper derivation (``:class: derivation``);
   a computational solution asserts its answer.
 * The algorithms are shown from the library's source (``literalinclude`` with ``:pyobject:``), so the book
-  shows the code it runs; the objects named must exist.
+  shows the code it runs; the objects named must exist, and their listings are free of combining accents.
 * Figures are legible: the chapters use the book's text sizes (``viz.use_book_style``) and set none smaller
   than ``viz.MIN_FONT_PT``.
 * Text that a reader sees in a fixed-width output or a figure has no combining accents (x̂ drawn as x
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import re
 import unicodedata
 from pathlib import Path
@@ -101,6 +102,8 @@ def test_included_source_exists() -> None:
             obj = module
             for part in options["pyobject"].split("."):
                 obj = getattr(obj, part)  # AttributeError names what is gone
+            shown = _combining(inspect.getsource(obj))
+            assert not shown, f"{path.name}: the listing of {options['pyobject']} has combining accents {shown}"
             found += 1
     assert found >= 2, "Algorithms 1 and 2 are shown from the library's source"
 
