@@ -10,7 +10,8 @@
   than ``viz.MIN_FONT_PT``.
 * Text that a reader sees in a fixed-width output or a figure has no combining accents (x̂ drawn as x
   followed by U+0302 lands on the wrong letter in many fonts): mathtext or plain words instead.
-* Plumbing is folded: a code cell longer than 25 lines is tagged ``hide-input`` or ``remove-input``.
+* Plumbing is folded: a code cell longer than 25 lines, or one that only draws a figure (mostly plotting calls,
+  no ``assert``), is tagged ``hide-input`` or ``remove-input``; so is the Colab install cell.
 * The reader sees no words about how the project is run.
 """
 
@@ -159,6 +160,23 @@ def test_long_plumbing_cells_are_folded(chapter) -> None:
                  if c.cell_type == "code" and len(c.source.splitlines()) > MAX_VISIBLE_CODE_LINES
                  and not HIDING_TAGS & set(c.metadata.get("tags", []))]
     assert not long_open, f"{path.name}: cells {long_open} are over {MAX_VISIBLE_CODE_LINES} lines and not folded"
+
+
+PLOTTING = re.compile(r"\b(ax\d?|ax_\w+|axes|fig|plt)\.|\bFigure\(|\.(imshow|scatter|quiver|plot)\(")
+
+
+def _only_draws(source: str) -> bool:
+    lines = [line for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    drawing = [line for line in lines if PLOTTING.search(line)]
+    return "assert" not in source and len(drawing) >= 3 and len(drawing) >= 0.4 * len(lines)
+
+
+def test_figure_drawing_and_install_cells_are_folded(chapter) -> None:
+    path, nb = chapter
+    open_cells = [k for k, c in enumerate(nb.cells) if c.cell_type == "code"
+                  and (_only_draws(c.source) or "colab-install" in c.metadata.get("tags", []))
+                  and not HIDING_TAGS & set(c.metadata.get("tags", []))]
+    assert not open_cells, f"{path.name}: cells {open_cells} only draw a figure (or install) and are not folded"
 
 
 def test_the_reader_sees_no_words_about_the_project_process(chapter) -> None:
