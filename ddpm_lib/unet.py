@@ -292,7 +292,12 @@ class UNet(nn.Module):
         timestep indices t. ``y`` [B] holds class labels (``num_classes`` is the null label ∅); None means
         ∅ for every image. An unconditional network refuses ``y``."""
         self._check_inputs(x, t)
-        labels = self._labels(y, x.shape[0], x.device)
+        return self.forward_checked(x, t, self._labels(y, x.shape[0], x.device))
+
+    def forward_checked(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        """``forward`` after its checks: x, t and the label indices (None for an unconditional network) as
+        ``forward`` has validated them. The ONNX export (``ddpm_lib.onnx_export``) traces this, since the
+        value checks on the labels cannot be traced; everything else should call ``forward``."""
         temb = self.time_embed(timestep_embedding(t, self.config.ch))
         if labels is not None:
             temb = temb + self.label_embed(labels)

@@ -1,0 +1,151 @@
+"""The book's networks as ONNX files, and the constants a sampler outside Python needs, for a page that samples
+in the reader's browser (ONNX Runtime Web).
+
+* ``export_onnx(model, path)`` writes ε_θ(x_t, t) (or ε_θ(x_t, t, y) for a class-conditional network) as one
+  self-contained ONNX file, batch size free, through ``torch.onnx.export`` (the torch.export-based exporter).
+  The graph is ``UNet.forward_checked``: the network after ``forward``'s input checks, which cannot be traced.
+* ``sampler_constants(diffusion)`` is every per-timestep number that Algorithm 2 and DDIM use, taken from
+  ``GaussianDiffusion.const`` (never retyped), with the conventions the library samples with: 0-based indices
+  (index i is the paper's t = i + 1), σ² at index 0 as in ``p_mean_variance_from_output``, x̂_0 clipped.
+* ``max_abs_error(path, model, ...)`` runs the file with the Python ``onnxruntime`` and compares it with the
+  PyTorch network on random inputs.
+
+``python -m ddpm_lib.onnx_export OUT_DIR`` writes the two book models (``fashion``, ``fashion_cond``) and their
+constants there. onnx, onnxscript and onnxruntime are needed only here (the ``export`` extra), and torch 2.5 or
+newer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .diffusion import GaussianDiffusion
+from .unet import UNet
+
+OPSET = 18  # GroupNormalization is an ONNX operator from opset 18; ONNX Runtime Web runs it
+CONSTANT_NAMES = ("betas", "alpha_bar", "alpha_bar_prev", "sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar",
+                  "coef_x0", "coef_xt")
+
+
+class _Checked(nn.Module):
+    """``UNet.forward_checked`` as a module's forward, for the exporter."""
+
+    def __init__(self, net: UNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net.forward_checked(x, t, y)
+
+
+def input_names(model: UNet) -> list[str]:
+    """The graph's inputs: x [B, C, H, W] float32 and t [B] int64 (0-based), and y [B] int64 when conditional."""
+    return ["x", "t"] + (["y"] if model.config.num_classes is not None else [])
+
+
+def export_onnx(model: UNet, path: str | Path, *, opset: int = OPSET) -> Path:
+    """Write ``model`` (float32, on the CPU, in eval mode) to ``path`` as one ONNX file; returns the path.
+
+    The batch dimension is dynamic. Inputs are named by ``input_names``, the output ``eps``.
+    """
+    if not isinstance(model, UNet):
+        raise TypeError(f"export_onnx takes a ddpm_lib UNet, got {type(model).__name__}")
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
+        raise RuntimeError(f"the ONNX export needs torch >= 2.5 (torch.onnx.export with dynamo=True), "
+                           f"this is torch {torch.__version__}")
+    c = model.config
+    net = _Checked(model).to("cpu", torch.float32).eval()
+    x = torch.zeros(2, c.in_channels, c.image_size, c.image_size)
+    args: tuple[Tensor, ...] = (x, torch.tensor([c.image_size, 0]))
+    if c.num_classes is not None:
+        args += (torch.tensor([0, c.num_classes]),)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(net, args, str(path), dynamo=True, opset_version=opset, external_data=False,
+                          input_names=input_names(model), output_names=["eps"],
+                          dynamic_shapes=tuple({0: batch} for _ in args))
+    return path
+
+
+def sampler_constants(diffusion: GaussianDiffusion) -> dict:
+    """The per-index numbers of Algorithm 2 and DDIM, as lists of floats (float64 values), for a sampler
+    written in another language. Only the library's own settings are exported: ε-prediction with a fixed
+    variance, x̂_0 clipped to [−1, 1].
+
+    ``log_variance`` is σ_t² of Algorithm 2 at each index, index 0 included (``fixed_large``: β̃_2 there).
+    Algorithm 2's step at index i: x̂_0 = clip(sqrt_recip_alpha_bar·x − sqrt_recipm1_alpha_bar·ε) (eq. 15),
+    mean = coef_x0·x̂_0 + coef_xt·x (eq. 7), x ← mean + exp(½ log_variance)·z, with z = 0 at index 0.
+    """
+    if diffusion.mean_type != "eps" or diffusion.var_type not in ("fixed_large", "fixed_small"):
+        raise ValueError(f"only eps prediction with a fixed variance is exported, got mean_type "
+                         f"{diffusion.mean_type!r}, var_type {diffusion.var_type!r}")
+    out = {name: diffusion.const(name).tolist() for name in CONSTANT_NAMES}
+    out["log_variance"] = diffusion.const(f"log_var_{diffusion.var_type}").tolist()
+    out.update(T=diffusion.num_timesteps, mean_type=diffusion.mean_type, var_type=diffusion.var_type,
+               clip_denoised=True)
+    return out
+
+
+def max_abs_error(path: str | Path, model: UNet, *, batch: int = 3, seed: int = 0, num_timesteps: int = 1000) -> float:
+    """The largest |ONNX Runtime − PyTorch| over the outputs for a random batch: x ~ N(0, I), t uniform on
+    0 … ``num_timesteps`` − 1 and, for a conditional network, y uniform over the classes and the null label."""
+    import onnxruntime
+
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c.in_channels, c.image_size, c.image_size, generator=g)
+    feeds = {"x": x, "t": torch.randint(0, num_timesteps, (batch,), generator=g)}
+    if c.num_classes is not None:
+        feeds["y"] = torch.randint(0, c.num_classes + 1, (batch,), generator=g)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["eps"], {k: v.numpy() for k, v in feeds.items()})[0]
+    with torch.no_grad():
+        want = model.to("cpu", torch.float32).eval()(*feeds.values())
+    return float((torch.from_numpy(got) - want).abs().max())
+
+
+def export_book_models(out_dir: str | Path, names: tuple[str, ...] = ("fashion", "fashion_cond")) -> dict:
+    """Each book model as ``<name>.onnx`` and ``<name>.json`` (its ``sampler_constants``, its input names and
+    its parameter count) in ``out_dir``; returns {name: {"onnx": path, "json": path, "max_abs_error": float}}."""
+    from .loading import load_book_model
+
+    out_dir = Path(out_dir)
+    written = {}
+    for name in names:
+        book = load_book_model(name=name)
+        onnx_path = export_onnx(book.model, out_dir / f"{name}.onnx")
+        info = sampler_constants(book.diffusion)
+        info.update(name=name, inputs=input_names(book.model), num_classes=book.model.config.num_classes,
+                    image_shape=[book.model.config.in_channels, book.model.config.image_size,
+                                 book.model.config.image_size],
+                    parameters=sum(p.numel() for p in book.model.parameters()))
+        json_path = out_dir / f"{name}.json"
+        json_path.write_text(json.dumps(info), encoding="utf8")
+        error = max_abs_error(onnx_path, book.model, num_timesteps=book.diffusion.num_timesteps)
+        if not math.isfinite(error) or error > 1e-4:
+            raise RuntimeError(f"{onnx_path}: ONNX Runtime differs from PyTorch by {error:.2e} (> 1e-4)")
+        written[name] = {"onnx": onnx_path, "json": json_path, "max_abs_error": error}
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export the book's models to ONNX, with their sampler constants.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--models", nargs="+", default=["fashion", "fashion_cond"])
+    args = parser.parse_args(argv)
+    for name, w in export_book_models(args.out_dir, tuple(args.models)).items():
+        print(f"{name}: {w['onnx']} ({w['onnx'].stat().st_size / 1e6:.1f} MB), {w['json']}; "
+              f"ONNX Runtime vs PyTorch: max |diff| {w['max_abs_error']:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
