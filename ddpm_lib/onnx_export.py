@@ -18,17 +18,22 @@ newer.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .diffusion import GaussianDiffusion
+from .samplers import ddim_timesteps
 from .unet import UNet
 
 OPSET = 18  # GroupNormalization is an ONNX operator from opset 18; ONNX Runtime Web runs it
+DDIM_STEPS = (10, 20, 50, 100)  # the step counts a page offers, with the library's uniform spacing
 CONSTANT_NAMES = ("betas", "alpha_bar", "alpha_bar_prev", "sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar",
                   "coef_x0", "coef_xt")
 
@@ -68,7 +73,9 @@ def export_onnx(model: UNet, path: str | Path, *, opset: int = OPSET) -> Path:
     batch = torch.export.Dim("batch", min=1, max=4096)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the exporter notes that the one dynamic axis is named once for all inputs: true, and harmless
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
         torch.onnx.export(net, args, str(path), dynamo=True, opset_version=opset, external_data=False,
                           input_names=input_names(model), output_names=["eps"],
                           dynamic_shapes=tuple({0: batch} for _ in args))
@@ -83,14 +90,17 @@ def sampler_constants(diffusion: GaussianDiffusion) -> dict:
     ``log_variance`` is σ_t² of Algorithm 2 at each index, index 0 included (``fixed_large``: β̃_2 there).
     Algorithm 2's step at index i: x̂_0 = clip(sqrt_recip_alpha_bar·x − sqrt_recipm1_alpha_bar·ε) (eq. 15),
     mean = coef_x0·x̂_0 + coef_xt·x (eq. 7), x ← mean + exp(½ log_variance)·z, with z = 0 at index 0.
+    ``ddim_timesteps`` maps a step count S (as a string) to ``samplers.ddim_timesteps(T, S)``, the indices a DDIM
+    chain visits, in sampling order; the last step goes to ᾱ = 1 (x_0).
     """
     if diffusion.mean_type != "eps" or diffusion.var_type not in ("fixed_large", "fixed_small"):
         raise ValueError(f"only eps prediction with a fixed variance is exported, got mean_type "
                          f"{diffusion.mean_type!r}, var_type {diffusion.var_type!r}")
     out = {name: diffusion.const(name).tolist() for name in CONSTANT_NAMES}
     out["log_variance"] = diffusion.const(f"log_var_{diffusion.var_type}").tolist()
-    out.update(T=diffusion.num_timesteps, mean_type=diffusion.mean_type, var_type=diffusion.var_type,
-               clip_denoised=True)
+    T = diffusion.num_timesteps
+    out["ddim_timesteps"] = {str(S): ddim_timesteps(T, S) for S in DDIM_STEPS if S <= T}  # in sampling order
+    out.update(T=T, mean_type=diffusion.mean_type, var_type=diffusion.var_type, clip_denoised=True)
     return out
 
 
@@ -134,6 +144,45 @@ def export_book_models(out_dir: str | Path, names: tuple[str, ...] = ("fashion",
             raise RuntimeError(f"{onnx_path}: ONNX Runtime differs from PyTorch by {error:.2e} (> 1e-4)")
         written[name] = {"onnx": onnx_path, "json": json_path, "max_abs_error": error}
     return written
+
+
+ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")  # ONNX Runtime Web
+
+
+def _stamp(names: tuple[str, ...]) -> str:
+    """What the exported files depend on: the weights, this module and the torch release."""
+    from importlib.resources import files
+
+    h = hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode())
+    for name in names:
+        h.update(files("ddpm_lib").joinpath(f"weights/{name}.safetensors").read_bytes())
+    return h.hexdigest()
+
+
+def write_live_assets(dest: str | Path, ort_dist: str | Path,
+                      names: tuple[str, ...] = ("fashion", "fashion_cond")) -> Path:
+    """The files the book's live panel loads, under ``dest/live``: each book model's ``.onnx`` and ``.json``
+    (``export_book_models``) and ONNX Runtime Web's module and WebAssembly (``ORT_FILES``, copied from
+    ``ort_dist``, the ``dist`` folder of the npm package ``onnxruntime-web``) in ``dest/live/ort``.
+
+    The models are exported again only when the weights, this module or torch change (``dest``.stamp, beside
+    ``dest``, records them). Returns ``dest/live``.
+    """
+    ort_dist = Path(ort_dist)
+    missing = [f for f in ORT_FILES if not (ort_dist / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{ort_dist} lacks {missing}: install the book's JavaScript dependency with "
+                                f"`npm ci` at the repository root (package-lock.json pins onnxruntime-web)")
+    live = Path(dest) / "live"
+    (live / "ort").mkdir(parents=True, exist_ok=True)
+    for f in ORT_FILES:
+        shutil.copy2(ort_dist / f, live / "ort" / f)
+    stamp, stamp_file = _stamp(names), Path(dest).parent / f"{Path(dest).name}.stamp"  # beside dest, not in it
+    complete = all((live / f"{n}.{ext}").is_file() for n in names for ext in ("onnx", "json"))
+    if not (complete and stamp_file.is_file() and stamp_file.read_text(encoding="utf8") == stamp):
+        export_book_models(live, names)
+        stamp_file.write_text(stamp, encoding="utf8")
+    return live
 
 
 def main(argv: list[str] | None = None) -> int:

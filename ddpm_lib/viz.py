@@ -312,3 +312,110 @@ def timestep_scrubber(
     slider.observe(on_change, names="value")
     children = ([widgets.HTML(f"<b>{html.escape(title)}</b>")] if title else []) + [image, slider, label]
     display(widgets.VBox(children))
+
+
+# ---------------------------------------------------------------------------------- the live panel
+
+# The models a page can sample live (exported by ``onnx_export.export_book_models``): name → number of classes
+# (None: unconditional). The label ``None`` of a conditional model is the null label ∅ (index num_classes).
+_LIVE_MODELS: dict[str, int | None] = {"fashion": None, "fashion_cond": 10}
+_LIVE_SAMPLERS = ("ddpm", "ddim")
+_LIVE_MAX_GUIDANCE = 4.0  # the panel's guidance slider runs over 0 … 4
+
+# Imports the panel's module from the site root (a Sphinx page's <html data-content_root="../">) and mounts every
+# div.ddpm-live on the page; mountAll mounts each panel once, so a page with several panels may run it several times.
+_LIVE_SCRIPT = (
+    '<script type="module">'
+    "const root=document.documentElement.dataset.content_root||'./';"
+    "import(new URL(root+'_static/ddpm_live.js',document.baseURI).href)"
+    ".then(function(m){m.mountAll();})"
+    ".catch(function(){document.querySelectorAll('div.ddpm-live .ddpm-live-fallback').forEach(function(e){"
+    "e.textContent='Live sampling could not be loaded here. '+"
+    "'The pictures above are precomputed; they are the book\\'s.';"
+    "});});"
+    "</script>"
+)
+
+
+def _live_number(name: str, value: Any, low: float, high: float) -> float:
+    """``value`` as a float in [low, high]; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a number in [{low:g}, {high:g}]")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number in [{low:g}, {high:g}]") from None
+    if not (low <= v <= high):
+        raise ValueError(f"{name}={value!r} must lie in [{low:g}, {high:g}]")
+    return v
+
+
+def _live_arguments(model: str, sampler: str, steps: int, eta: float, seed: int, label: int | None,
+                    guidance: float, n_images: int, title: str) -> tuple[float, float, int | None]:
+    """``live_panel``'s arguments checked; returns η, w and the model's number of classes (None: unconditional)."""
+    from .onnx_export import DDIM_STEPS
+
+    if model not in _LIVE_MODELS:
+        raise ValueError(f"model={model!r}: the live panel offers {', '.join(map(repr, _LIVE_MODELS))}")
+    if sampler not in _LIVE_SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} must be one of {', '.join(map(repr, _LIVE_SAMPLERS))}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or int(steps) not in DDIM_STEPS:
+        raise ValueError(f"steps={steps!r}: DDIM is offered with S in {', '.join(map(str, DDIM_STEPS))}")
+    eta = _live_number("eta", eta, 0.0, 1.0)
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError(f"eta={eta} is DDIM's; sampler='ddpm' (Algorithm 2) takes none")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed={seed!r} must be an integer in 0 … 2**32 − 1")
+    if isinstance(n_images, bool) or not isinstance(n_images, (int, np.integer)) or not 1 <= int(n_images) <= 64:
+        raise ValueError(f"n_images={n_images!r} must be an integer in 1 … 64")
+    num_classes = _LIVE_MODELS[model]
+    guidance = _live_number("guidance", guidance, 0.0, _LIVE_MAX_GUIDANCE)
+    if num_classes is None:
+        if label is not None:
+            raise ValueError(f"label={label!r}: model {model!r} is unconditional (use 'fashion_cond' for classes)")
+        if guidance != 0:
+            raise ValueError(f"guidance={guidance:g}: model {model!r} is unconditional (use 'fashion_cond')")
+    elif label is not None and (isinstance(label, bool) or not isinstance(label, (int, np.integer))
+                                or not 0 <= int(label) < num_classes):
+        raise ValueError(f"label={label!r} must be a class 0 … {num_classes - 1} or None (the null label)")
+    if not isinstance(title, str):
+        raise ValueError(f"title must be a string, got {type(title).__name__}")
+    return eta, guidance, num_classes
+
+
+def live_panel(model: str = "fashion", *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
+               label: int | None = None, guidance: float = 0.0, n_images: int = 16, title: str = "") -> str:
+    """The HTML of a live sampling panel: the reader runs Algorithm 2 or DDIM on ``model`` in the browser.
+
+    A ``div.ddpm-live`` whose data attributes hold the panel's defaults (model, sampler, DDIM's ``steps`` S and
+    ``eta`` η, ``seed``, the class ``label`` and guidance scale w for the conditional model, the number of images),
+    a visible fallback text (what a reader without JavaScript or WebAssembly sees), and a small inline module
+    script that imports ``<content_root>/_static/ddpm_live.js`` (the root read at run time from the page's
+    ``data-content_root``) and mounts the panel. The HTML is a pure function of the arguments (no random ids),
+    so a notebook that stores it has deterministic outputs.
+
+    ``label``: a class 0 … 9 of ``fashion_cond`` (``data.FASHION_CLASSES``), or None for the null label ∅.
+    ``steps`` must be one the exported constants offer (``onnx_export.DDIM_STEPS``); it is the DDIM default and
+    is ignored by Algorithm 2, which runs all T steps.
+    """
+    from .onnx_export import DDIM_STEPS
+
+    eta, guidance, num_classes = _live_arguments(model, sampler, steps, eta, seed, label, guidance, n_images, title)
+    attrs = {
+        "data-model": model, "data-sampler": sampler, "data-steps": str(int(steps)), "data-eta": f"{eta:g}",
+        "data-seed": str(int(seed)), "data-n-images": str(int(n_images)),
+        "data-steps-offered": ",".join(str(s) for s in DDIM_STEPS),
+        "data-conditional": "0" if num_classes is None else "1",
+    }
+    if num_classes is not None:
+        attrs |= {"data-label": "" if label is None else str(int(label)), "data-guidance": f"{guidance:g}"}
+    attr_html = " ".join(f'{k}="{html.escape(v)}"' for k, v in attrs.items())
+    parts = [f'<div class="ddpm-live" {attr_html} style="font-family:sans-serif;font-size:0.9em;margin:0.5em 0">']
+    if title:
+        parts.append(f'<div class="ddpm-live-title" style="font-weight:bold">{html.escape(title)}</div>')
+    parts.append('<p class="ddpm-live-fallback" style="font-style:italic">Live sampling runs in the browser with '
+                 'JavaScript and WebAssembly, which are not available here. The pictures above are precomputed; '
+                 "they are the book's.</p>")
+    parts.append("</div>")
+    parts.append(_LIVE_SCRIPT)
+    return "\n".join(parts)

@@ -185,6 +185,21 @@ def test_math_renderer_ships_with_the_book(built_book: Path) -> None:
         assert 'src="../_static/mathjax/tex-chtml.js"' in page, doc
 
 
+def test_the_live_panel_files_ship_and_nothing_more(built_book: Path) -> None:
+    """The book's networks (ONNX and their constants) and ONNX Runtime Web's module and WebAssembly, copied from
+    node_modules by the build: exactly these files, so that the book grows by what the panels need."""
+    from ddpm_lib.onnx_export import ORT_FILES
+
+    live = built_book / "_static" / "live"
+    want = {f"{n}.{ext}" for n in ("fashion", "fashion_cond") for ext in ("onnx", "json")}
+    want |= {f"ort/{f}" for f in ORT_FILES}
+    have = {str(p.relative_to(live)) for p in live.rglob("*") if p.is_file()}
+    assert have == want, f"unexpected {have - want}, missing {want - have}"
+    size = sum((live / f).stat().st_size for f in have)
+    assert size < 26e6, f"the live panel's files take {size / 1e6:.1f} MB"
+    assert (built_book / "_static" / "ddpm_live.js").is_file()
+
+
 def test_colab_buttons_open_each_chapter_notebook(built_book: Path) -> None:
     config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf8"))
     repo = config["repository"]

@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from ddpm_lib import GaussianDiffusion, make_beta_schedule
-from ddpm_lib.onnx_export import export_book_models, export_onnx, input_names, max_abs_error, sampler_constants
-from ddpm_lib.samplers import ddim_step
+from ddpm_lib.onnx_export import (
+    export_book_models,
+    export_onnx,
+    input_names,
+    max_abs_error,
+    sampler_constants,
+    write_live_assets,
+)
+from ddpm_lib.samplers import ddim_step, ddim_timesteps
 from ddpm_lib.unet import UNet
 
 
@@ -80,6 +87,7 @@ def test_constants_rebuild_the_library_steps(var_type) -> None:
     info = json.loads(json.dumps(sampler_constants(d)))  # through JSON, as a page reads it
     assert info["T"] == 1000 and info["clip_denoised"] is True
     assert np.array_equal(info["betas"], d.betas.numpy())
+    assert info["ddim_timesteps"]["50"] == ddim_timesteps(1000, 50) and info["ddim_timesteps"]["10"][0] == 900
     js = _JsonSampler(info)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64) * 1.5
@@ -103,3 +111,8 @@ def test_book_models_export_with_their_constants(tmp_path) -> None:
     info = json.loads(w["json"].read_text(encoding="utf8"))
     assert info["inputs"] == ["x", "t"] and info["image_shape"] == [1, 28, 28] and info["num_classes"] is None
     assert info["parameters"] == 1_112_801 and len(info["log_variance"]) == info["T"] == 1000
+
+
+def test_live_assets_name_the_missing_javascript_dependency(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="npm ci"):
+        write_live_assets(tmp_path / "static", tmp_path / "node_modules" / "onnxruntime-web" / "dist")

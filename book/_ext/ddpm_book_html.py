@@ -1,6 +1,8 @@
 """A local Sphinx extension for the book's HTML (``sphinx.local_extensions`` in ``_config.yml``).
 
-It adds the book's stylesheet (``book/_static/ddpm.css``) to every page, and it removes scripts that a
+It adds the book's stylesheet (``book/_static/ddpm.css``) to every page; it writes the files of the live
+sampling panel (the book's networks as ONNX, their constants, ONNX Runtime Web from ``node_modules``; see
+``ddpm_lib.onnx_export.write_live_assets``) into the build's ``_static/live``; and it removes scripts that a
 page would load twice. Sphinx 7.4 registers an inline script added by
 an extension during the build once as ``filename=None`` and again, when it prepares writing, as
 ``filename=""``; the two do not compare equal, so the page gets both. For sphinx-thebe's
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 STATIC = Path(__file__).resolve().parent.parent / "_static"
+ROOT = STATIC.parent.parent
+ORT_DIST = ROOT / "node_modules" / "onnxruntime-web" / "dist"
 
 
 def _script_key(script: Any) -> tuple:
@@ -43,8 +47,18 @@ def add_static_path(app: Any, config: Any) -> None:
         config.html_static_path.append(str(STATIC))
 
 
+def add_live_assets(app: Any, config: Any) -> None:
+    """Write the live panel's files beside the output folder and serve them as ``_static/live``."""
+    from ddpm_lib.onnx_export import write_live_assets
+
+    dest = Path(app.outdir).parent / "live_static"
+    write_live_assets(dest, ORT_DIST)
+    config.html_static_path.append(str(dest))
+
+
 def setup(app: Any) -> dict[str, Any]:
     app.connect("config-inited", add_static_path)
+    app.connect("config-inited", add_live_assets)
     app.add_css_file("ddpm.css")
     app.connect("html-page-context", dedupe_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
