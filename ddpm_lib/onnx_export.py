@@ -23,6 +23,8 @@ import json
 import math
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,6 +51,24 @@ class _Checked(nn.Module):
         return self.net.forward_checked(x, t, y)
 
 
+@contextmanager
+def _readable_cudnn_flags() -> Iterator[None]:
+    """torch.export reads the legacy ``torch.backends.cudnn.allow_tf32``, whose getter raises in torch 2.9+ once
+    the new API has set cuDNN's convolutions to "ieee" (as ``precision.set_fp32_precision(..., "fp32")`` does).
+    The export runs on the CPU, where TF32 means nothing, so the flags are put back to torch's default for it
+    and restored after."""
+    if not hasattr(torch.backends, "fp32_precision"):
+        yield
+        return
+    conv, rnn = torch.backends.cudnn.conv, torch.backends.cudnn.rnn
+    saved = conv.fp32_precision, rnn.fp32_precision
+    conv.fp32_precision = rnn.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, rnn.fp32_precision = saved
+
+
 def input_names(model: UNet) -> list[str]:
     """The graph's inputs: x [B, C, H, W] float32 and t [B] int64 (0-based), and y [B] int64 when conditional."""
     return ["x", "t"] + (["y"] if model.config.num_classes is not None else [])
@@ -73,7 +93,7 @@ def export_onnx(model: UNet, path: str | Path, *, opset: int = OPSET) -> Path:
     batch = torch.export.Dim("batch", min=1, max=4096)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _readable_cudnn_flags():
         # the exporter notes that the one dynamic axis is named once for all inputs: true, and harmless
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used", category=UserWarning)
         torch.onnx.export(net, args, str(path), dynamo=True, opset_version=opset, external_data=False,

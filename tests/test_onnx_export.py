@@ -40,6 +40,21 @@ def test_exported_network_matches_pytorch(tmp_path, num_classes) -> None:
         assert max_abs_error(path, net, batch=batch, seed=batch) < 1e-4
 
 
+def test_export_works_after_the_library_set_true_fp32(tmp_path) -> None:
+    """set_fp32_precision(cuda, "fp32") leaves cuDNN's flags at "ieee", where torch.export's read of the legacy
+    flag fails; the export puts them back for its own duration only."""
+    from ddpm_lib.precision import _get, _set, set_fp32_precision
+
+    before = _get()
+    try:
+        set_fp32_precision(torch.device("cuda"), "fp32")  # flags only: no GPU is touched
+        state = _get()
+        assert max_abs_error(export_onnx(small_unet(None), tmp_path / "net.onnx"), small_unet(None)) < 1e-4
+        assert _get() == state  # and the caller's setting is back
+    finally:
+        _set(before)
+
+
 def test_export_refuses_what_it_cannot_export(tmp_path) -> None:
     with pytest.raises(TypeError, match="UNet"):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
