@@ -17,7 +17,7 @@ Each is run once to warm up, then timed three times. Prints a table and writes
 Usage::
 
     python benchmarks/live_bench.py                 # exports the models (~20 s), then ~1 min
-    python benchmarks/live_bench.py --assets DIR    # with models already exported by python -m ddpm_lib.onnx_export DIR
+    python benchmarks/live_bench.py --assets DIR    # keep the exported model in DIR and reuse it next time
 """
 
 from __future__ import annotations
@@ -47,23 +47,17 @@ from ddpm_lib.loading import load_book_model  # noqa: E402
 from ddpm_lib.samplers import sample_loop  # noqa: E402
 
 ORT_DIST = ROOT / "node_modules" / "onnxruntime-web" / "dist"
-ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 MODEL, STEPS, N_IMAGES, REPEATS = "fashion", 50, 16, 3
 
 
-def build_site(root: Path, assets: Path | None) -> Path:
-    live = root / "_static" / "live"
-    (live / "ort").mkdir(parents=True)
-    if assets is None:
-        from ddpm_lib.onnx_export import export_book_models
+def build_site(root: Path, assets: Path) -> Path:
+    """The site the benchmark loads: the live files as the book's build writes them (``write_live_assets``; the
+    model is exported into ``assets`` once and reused while the weights are unchanged) and ddpm_live.js."""
+    from ddpm_lib.onnx_export import write_live_assets
 
-        export_book_models(live, (MODEL,))
-    else:
-        for name in (f"{MODEL}.onnx", f"{MODEL}.json"):
-            shutil.copy(assets / name, live / name)
-    for f in ORT_FILES:
-        shutil.copy(ORT_DIST / f, live / "ort" / f)
+    live = write_live_assets(assets, ORT_DIST, (MODEL,))
+    shutil.copytree(live, root / "_static" / "live")
     shutil.copy(ROOT / "book" / "_static" / "ddpm_live.js", root / "_static" / "ddpm_live.js")
     (root / "chapter").mkdir()
     (root / "chapter" / "bench.html").write_text(
@@ -173,11 +167,11 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--assets", type=Path, help="a folder with fashion.onnx and fashion.json already exported")
+    ap.add_argument("--assets", type=Path, help="where to keep the exported model between runs (default: a temp dir)")
     ap.add_argument("--out", type=Path, help="the JSON report (default benchmarks/results/live_<date>.json)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        site = build_site(Path(tmp) / "site", args.assets)
+        site = build_site(Path(tmp) / "site", args.assets or Path(tmp) / "assets")
         chrome, browser_info = chromium_times(site)
         ort_py = onnxruntime_times(site / "_static" / "live" / f"{MODEL}.onnx")
     peer = torch_times()

@@ -23,7 +23,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ORT_DIST = ROOT / "node_modules" / "onnxruntime-web" / "dist"
-ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SHAPE = (4, 1, 28, 28)  # the precision checks sample 4 images
 TOL = 1e-3
@@ -39,6 +38,8 @@ def _missing() -> str | None:
     for p in (CHROMIUM, CHROMEDRIVER):
         if not p.exists():
             return f"{p} is missing"
+    from ddpm_lib.onnx_export import ORT_FILES
+
     for f in ORT_FILES:
         if not (ORT_DIST / f).is_file():
             return f"{ORT_DIST / f} is missing (npm ci)"
@@ -64,22 +65,13 @@ def page_html(body: str, content_root: str = "../") -> str:
             f"\n{body}\n</body></html>\n")
 
 
-def build_site(root: Path, *, with_ort: bool = True, models_from: Path | None = None) -> Path:
-    """A site laid out like the built book: _static/ddpm_live.js, _static/live/{models, JSON}, _static/live/ort/."""
+def build_site(root: Path) -> Path:
+    """A site laid out like the built book (the build's own ``write_live_assets``): _static/ddpm_live.js,
+    _static/live/{models, JSON}, _static/live/ort/."""
     from ddpm_lib import viz
-    from ddpm_lib.onnx_export import export_book_models
+    from ddpm_lib.onnx_export import write_live_assets
 
-    live = root / "_static" / "live"
-    (live / "ort").mkdir(parents=True, exist_ok=True)
-    if models_from is None:
-        export_book_models(live)
-    else:
-        for f in models_from.iterdir():
-            if f.is_file():
-                shutil.copy(f, live / f.name)
-    if with_ort:
-        for f in ORT_FILES:
-            shutil.copy(ORT_DIST / f, live / "ort" / f)
+    write_live_assets(root / "_static", ORT_DIST)
     shutil.copy(ROOT / "book" / "_static" / "ddpm_live.js", root / "_static" / "ddpm_live.js")
     body = (viz.live_panel("fashion", sampler="ddim", steps=10, title="unconditional")
             + "\n" + viz.live_panel("fashion_cond", sampler="ddim", steps=10, label=7, guidance=2.0,
@@ -382,7 +374,8 @@ def test_without_webassembly_the_panel_says_the_pictures_are_precomputed(server)
 
 
 def test_when_ort_cannot_load_run_says_so(tmp_path, site) -> None:
-    root = build_site(tmp_path, with_ort=False, models_from=site / "_static" / "live")
+    root = tmp_path / "site"
+    shutil.copytree(site, root)  # the same site, with ONNX Runtime's module broken
     shutil.rmtree(root / "_static" / "live" / "ort")
     (root / "_static" / "live" / "ort").mkdir()
     (root / "_static" / "live" / "ort" / "ort.wasm.min.mjs").write_text("export const broken = 1;\n")
