@@ -331,6 +331,45 @@ def test_conditional_panel_runs(browser) -> None:
     assert browser.execute_script(panel_js(1, "p.querySelector('.ddpm-live-message').textContent")) == ""
 
 
+def run_panel(driver, i: int) -> dict:
+    """Click panel i's Run and return the detail of its "ddpm-live-result" event: the options its controls gave
+    sample(), and the result."""
+    out = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1], p = document.querySelectorAll('div.ddpm-live')[arguments[0]];"
+        "p.addEventListener('ddpm-live-result', e => done(e.detail), {once: true});"
+        "p.querySelector('.ddpm-live-run').click();", i)
+    assert driver.execute_script(panel_js(i, "p.querySelector('.ddpm-live-message').textContent")) == ""
+    return out
+
+
+def test_panel_controls_reach_the_sampler(browser) -> None:
+    """Class, guidance scale, η, S and seed as set in the conditional panel are what it samples with; its picture is
+    what sample() gives for those options; another w gives another picture; Algorithm 2 greys out S and η."""
+    set_control(browser, 1, "ddpm-live-sampler", "ddim")
+    set_control(browser, 1, "ddpm-live-steps", 10)
+    set_control(browser, 1, "ddpm-live-eta", 0.3, "input")
+    set_control(browser, 1, "ddpm-live-seed", 4)
+    set_control(browser, 1, "ddpm-live-class", 3)
+    set_control(browser, 1, "ddpm-live-guidance", 1.5, "input")
+    assert browser.execute_script(panel_js(1, "[...p.querySelectorAll('output')].map(o => o.textContent)"))[:2] \
+        == ["0.30", "1.5"]
+    got = run_panel(browser, 1)
+    n = got["options"]["n"]
+    assert got["options"] == {"model": "fashion_cond", "sampler": "ddim", "steps": 10, "eta": 0.3, "n": n,
+                              "seed": 4, "y": 3, "w": 1.5}
+    assert got["result"]["steps"] == 10 and not got["result"]["stopped"]
+    again = run_sample(browser, got["options"])  # the same seed draws the same noise: the same images
+    assert max_diff(got["result"]["x0"], torch.tensor(again["x0"], dtype=torch.float64)) == 0
+    set_control(browser, 1, "ddpm-live-guidance", 0, "input")
+    assert max_diff(run_panel(browser, 1)["result"]["x0"], torch.tensor(again["x0"], dtype=torch.float64)) > 0.05
+    set_control(browser, 1, "ddpm-live-class", 7)
+    set_control(browser, 1, "ddpm-live-sampler", "ddpm")
+    assert browser.execute_script(panel_js(1, "[p.querySelector('.ddpm-live-steps').disabled,"
+                                              " p.querySelector('.ddpm-live-eta').disabled]")) == [True, True]
+    set_control(browser, 1, "ddpm-live-sampler", "ddim")
+    assert severe_logs(browser) == []
+
+
 def test_stop_halts_algorithm2(browser) -> None:
     set_control(browser, 0, "ddpm-live-sampler", "ddpm")
     browser.execute_script(panel_js(0, "p.querySelector('.ddpm-live-run').click()"))

@@ -13,15 +13,17 @@ import torch
 
 from ddpm_lib import GaussianDiffusion, make_beta_schedule
 from ddpm_lib.onnx_export import (
+    SubpixelUpsample,
     export_book_models,
     export_onnx,
     input_names,
     max_abs_error,
     sampler_constants,
+    with_subpixel_upsampling,
     write_live_assets,
 )
 from ddpm_lib.samplers import ddim_step, ddim_timesteps
-from ddpm_lib.unet import UNet
+from ddpm_lib.unet import UNet, Upsample
 
 
 def small_unet(num_classes: int | None) -> UNet:
@@ -38,6 +40,39 @@ def test_exported_network_matches_pytorch(tmp_path, num_classes) -> None:
     assert input_names(net) == (["x", "t"] if num_classes is None else ["x", "t", "y"])
     for batch in (1, 5):  # the batch dimension is free
         assert max_abs_error(path, net, batch=batch, seed=batch) < 1e-4
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 7), (4, 9)])
+def test_subpixel_upsampling_is_the_upsampling_block(size) -> None:
+    """Nearest ×2 then a 3×3 conv equals the four 2×2 phase convs on the input grid, in float64 to rounding,
+    at odd and non-square sizes and at the border (zero padding)."""
+    torch.manual_seed(1)
+    up = Upsample(5).double()
+    torch.nn.init.normal_(up.conv.bias)
+    x = torch.randn(3, 5, *size, dtype=torch.float64)
+    sub = SubpixelUpsample(up)
+    assert sub.weight.shape == (4 * 5, 5, 2, 2)  # 16 taps per input pixel for 4 outputs, not 36
+    torch.testing.assert_close(sub(x), up(x), rtol=0, atol=1e-12)
+
+
+def test_the_exported_graph_upsamples_on_the_input_grid(tmp_path) -> None:
+    """The default export carries no Resize (the upsampled map is never formed) and computes the network as
+    written, as does the export of the network as written."""
+    import onnx
+
+    net = small_unet(None)
+    twin = with_subpixel_upsampling(net)
+    assert sum(isinstance(level.resample, SubpixelUpsample) for level in twin.up) == 1
+    assert sum(isinstance(level.resample, Upsample) for level in net.up) == 1  # the original is untouched
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 5, 500, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, t), net(x, t), rtol=0, atol=1e-5)
+    ops = {}
+    for subpixel in (True, False):
+        path = export_onnx(net, tmp_path / f"{subpixel}.onnx", subpixel=subpixel)
+        ops[subpixel] = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert max_abs_error(path, net, batch=3) < 1e-4
+    assert "Resize" in ops[False] and "Resize" not in ops[True] and "DepthToSpace" in ops[True]
 
 
 def test_export_works_after_the_library_set_true_fp32(tmp_path) -> None:

@@ -21,7 +21,8 @@
 //
 // Exports mountAll() (mounts every div.ddpm-live), sample(options) (the sampler without the UI, which the panel's
 // Run uses too), resources() (every URL the page and its workers fetched) and settings ({workers}); all are also
-// on window.ddpmLive.
+// on window.ddpmLive. A panel's div fires "ddpm-live-result" after each Run, with detail {options (the sample()
+// options its controls gave), result (what sample() returned)}.
 
 const CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
   "Ankle boot"];
@@ -534,6 +535,8 @@ function mount(root) {
       };
       if (conditional) { opts.y = Number(klass.value); opts.w = Number(guidance.value); }
       const result = await sample(opts);
+      const { shouldStop, onStep, ...settings } = opts;  // what the controls asked for, for listeners
+      root.dispatchEvent(new CustomEvent("ddpm-live-result", { detail: { options: settings, result } }));
       progress.textContent = `step ${result.steps} of ${result.timesteps.length}` + (result.stopped
         ? " (stopped)" : ` (${result.seconds.toFixed(1)} s)`);
       if (!result.stopped) {
