@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configs import Config, ModelConfig, get_config
+from .fused_norm import norm_act
 
 GROUP_NORM_EPS = 1e-6  # TF's group_norm default; the released weights were trained with it
 
@@ -76,9 +77,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_act(self.norm1, x))
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # one bias per channel, from t
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(norm_act(self.norm2, h, dropout=self.dropout))
         return self.skip(x) + h
 
 
@@ -98,7 +99,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, H·W, C]: one token per pixel
+        h = norm_act(self.norm, x, act=False).flatten(2).transpose(1, 2)  # [B, H·W, C]: one token per pixel
         q, k, v = (proj(h).unsqueeze(1) for proj in (self.q, self.k, self.v))  # [B, 1 head, H·W, C]
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # scale 1/√C by default
         h = self.proj_out(h)
@@ -317,7 +318,7 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_act(self.norm_out, h))
 
     def summary(self) -> list[tuple[str, int, tuple[int, ...]]]:
         """(name, parameter count, output shape for a batch of one) per block, in execution order.

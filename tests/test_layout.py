@@ -14,7 +14,7 @@ LIB = ROOT / "ddpm_lib"
 
 # From the ground up. A module may import modules of its own layer or of the layers below, never above.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"base", "rng", "locks", "schedules", "losses", "precision", "distributed"}),
+    ("foundation", {"base", "rng", "locks", "schedules", "losses", "precision", "distributed", "fused_norm"}),
     ("math", {"diffusion", "guidance", "samplers", "langevin"}),
     ("network", {"configs", "unet", "toy"}),
     ("data and files", {"data", "checkpoint", "grids", "jobs", "runs", "runlog", "pretrained", "metrics"}),
