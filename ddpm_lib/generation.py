@@ -4,7 +4,10 @@ Image i draws its x_T and every z from its own CPU generator seeded by (seed, i)
 (``rng.image_generators``). An image is thus the same whatever the batch size, its position in a
 batch, or whether the job was interrupted and resumed; and the same on CPU and GPU up to the network's
 arithmetic. The noise of a batch is drawn on the CPU, one small ``randn`` per image, and copied to the
-GPU without waiting for it (``non_blocking``), so it overlaps the network's forward pass. With
+GPU without waiting for it (``non_blocking``), so it overlaps the network's forward pass.
+With ``noise="device"`` image i's noise comes instead from ``rng.ImageNoise`` (Philox keyed by the same
+per-image seed), computed on the model's device: the same promises, other streams (so other images than
+``noise="cpu"`` for a seed), and no per-image work on the host. With
 ``out_path`` the job is resumable (``jobs.run_to_file``).
 
 The caller's model is left as it was: it is put in eval mode for the job and its modes restored after;
@@ -30,8 +33,10 @@ from .diffusion import GaussianDiffusion
 from .guidance import check_guidance_scale, num_classes_of, resolve_class_labels
 from .jobs import OUTPUT_SUFFIXES, run_batches, run_to_file
 from .precision import Autocast, check_precision, fp32_precision
-from .rng import image_generators
+from .rng import ImageNoise, image_generators
 from .samplers import sample_loop, sampling_timesteps
+
+NOISE_SOURCES = ("cpu", "device")  # where each image's noise is made (``generate``'s ``noise``)
 
 
 def weights_fingerprint(model: Model) -> str:
@@ -92,6 +97,11 @@ def _check_args(n: int, chunk_size: int, batch_size: int | None, seed: int, out_
         raise ValueError(f"out_path {out_path}: the suffix must be one of {OUTPUT_SUFFIXES}")
 
 
+def _noise(source: str, seed: int, indices: Sequence[int], device: torch.device):
+    """The images' noise: one CPU generator each, or ``ImageNoise`` on ``device``, keyed by (seed, index)."""
+    return image_generators(seed, indices) if source == "cpu" else ImageNoise.for_images(seed, indices, device)
+
+
 def _labels(model: Model, class_labels, guidance_scale: float, n: int) -> Tensor | None:
     """Image i's class (``guidance.resolve_class_labels``), or None for unconditional sampling."""
     num_classes = num_classes_of(model)
@@ -116,6 +126,8 @@ def _job(model: Model, diffusion: GaussianDiffusion, n: int, tau: list[int], lab
            "image_shape": list(shape), "T": diffusion.num_timesteps, "weights": weights_fingerprint(model)}
     if args["compile"]:  # only when set, so that jobs without it keep their old description
         job["compile"] = True
+    if args["noise"] != "cpu":  # likewise
+        job["noise"] = args["noise"]
     if labels is not None:  # only for conditional jobs, so unconditional jobs keep their old description
         job["class_labels"] = hashlib.sha256(labels.numpy().astype("<i8").tobytes()).hexdigest()
         job["guidance_scale"] = args["guidance_scale"]
@@ -128,7 +140,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
              clip_denoised: bool = True, image_shape: Sequence[int] | None = None,
              out_path: str | Path | None = None, chunk_size: int = 1000, progress: bool = True,
              class_labels: int | str | Sequence[int] | Tensor | None = None, guidance_scale: float = 0.0,
-             compile: bool = False) -> Tensor:
+             compile: bool = False, noise: str = "cpu") -> Tensor:
     """``n`` images as uint8 [n, H, W, C] (CPU), the same for a given seed whatever ``batch_size``.
 
     ``sampler``, ``steps``, ``spacing``, ``eta`` as in ``samplers.sample_loop``. The model runs on ``device``
@@ -142,8 +154,11 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
     labels it samples its unconditional half (the null label ∅). ``compile=True`` runs the network through
     ``torch.compile`` (on CUDA with channels_last, as in training): in ``benchmarks/bench.py``'s sampling
     loop that took 256 cifar10 images × 1000 steps from 34.5 s to 11.8 s in bf16 on one H200. Compiled
-    kernels round differently from eager ones, so labels, guidance and compile enter the job.
+    kernels round differently from eager ones, so labels, guidance and compile enter the job. ``noise``: "cpu"
+    (per-image CPU generators, the default) or "device" (``rng.ImageNoise`` on ``device``; see above).
     """
+    if noise not in NOISE_SOURCES:
+        raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
     _check_args(n, chunk_size, batch_size, seed, out_path)
     check_precision(precision)
     tau = sampling_timesteps(diffusion.num_timesteps, sampler, steps, None, spacing, eta)
@@ -160,7 +175,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
             y = None if labels is None else labels[list(indices)].to(device)
             with fp32_precision(precision):
                 x = sample_loop(diffusion, net, (len(indices), *shape), sampler=sampler, steps=steps,
-                                spacing=spacing, eta=eta, generator=image_generators(seed, indices),
+                                spacing=spacing, eta=eta, generator=_noise(noise, seed, indices, device),
                                 clip_denoised=clip_denoised, device=device, y=y, guidance_scale=guidance_scale,
                                 progress=progress)  # a bar over the steps of each batch
             return to_uint8(x.float()).permute(0, 2, 3, 1).cpu().numpy()
@@ -169,7 +184,7 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
             return torch.from_numpy(run_batches(sample, list(range(n)), batch_size, progress, 0, n))
         job = _job(model, diffusion, n, tau, labels, shape, chunk_size=chunk_size, sampler=sampler, spacing=spacing,
                    eta=eta, seed=seed, clip_denoised=clip_denoised, precision=precision, compile=compile,
-                   guidance_scale=guidance_scale)
+                   guidance_scale=guidance_scale, noise=noise)
         return torch.from_numpy(run_to_file(Path(out_path), job, sample, batch_size, progress))
 
 

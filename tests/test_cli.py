@@ -161,7 +161,8 @@ def test_interrupted_sampling_resumes_to_the_same_npz(tmp_path, tiny_ema, monkey
     monkeypatch.setattr(jobs, "_save_chunk", save_chunk)
     other = ckpt_io.save_ema(tmp_path / "other.safetensors", tiny_weights(seed=1), 7, get_config("tiny"))
     for ckpt, extra, what in [(tiny_ema, ["--seed", "1"], "seed"), (tiny_ema, ["--eta", "0.2"], "eta"),
-                              (tiny_ema, ["--steps", "4"], "steps"), (other, [], "weights")]:
+                              (tiny_ema, ["--steps", "4"], "steps"), (tiny_ema, ["--noise", "device"], "noise"),
+                              (other, [], "weights")]:
         assert main(sample_argv(ckpt, out, *extra)) == 1  # a repeated option: argparse keeps the last
         err = capsys.readouterr().err
         assert "unfinished job with other arguments" in err and what in err and str(partial) in err
