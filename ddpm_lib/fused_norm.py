@@ -108,22 +108,30 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _grad_tile(x_ptr, dy_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, seed_ptr, p, n, tile, HW, C, s_n, s_hw, s_c,
+                   BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, ACT: tl.constexpr, DROP: tl.constexpr):
+        """A tile's offsets and mask, dz = dy·dy/dz (zero outside the tensor), x̂, and the channel mask."""
+        offs, mask, x = _tile(x_ptr, n, tile * BLOCK_HW, HW, C, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        c = tl.arange(0, BLOCK_C)
+        cm = c < C
+        row = n * C + c
+        a = tl.load(a_ptr + row, mask=cm, other=0.0)
+        b = tl.load(b_ptr + row, mask=cm, other=0.0)
+        _, _, slope = _act(x, a, b, tl.load(seed_ptr), offs, mask, p, ACT, DROP)
+        xhat = (x - tl.load(mean_ptr + row, mask=cm, other=0.0)[None, :]) \
+            * tl.load(rstd_ptr + row, mask=cm, other=0.0)[None, :]
+        return offs, mask, tl.where(mask, dy * slope, 0.0), xhat, cm
+
+    @triton.jit
     def _backward_sums_kernel(x_ptr, dy_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, seed_ptr, p, s1_ptr, s2_ptr,
                               HW, C, s_n, s_hw, s_c, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
                               ACT: tl.constexpr, DROP: tl.constexpr):
         """Per tile and channel: Σ dz and Σ dz·x̂."""
         n, tile = tl.program_id(0), tl.program_id(1)
-        offs, mask, x = _tile(x_ptr, n, tile * BLOCK_HW, HW, C, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        c = tl.arange(0, BLOCK_C)
-        cm = c < C
-        a = tl.load(a_ptr + n * C + c, mask=cm, other=0.0)
-        b = tl.load(b_ptr + n * C + c, mask=cm, other=0.0)
-        _, _, slope = _act(x, a, b, tl.load(seed_ptr), offs, mask, p, ACT, DROP)
-        dz = tl.where(mask, dy * slope, 0.0)
-        xhat = (x - tl.load(mean_ptr + n * C + c, mask=cm, other=0.0)[None, :]) \
-            * tl.load(rstd_ptr + n * C + c, mask=cm, other=0.0)[None, :]
-        out = (n * tl.num_programs(1) + tile) * C + c
+        _, _, dz, xhat, cm = _grad_tile(x_ptr, dy_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, seed_ptr, p, n, tile, HW, C,
+                                        s_n, s_hw, s_c, BLOCK_HW, BLOCK_C, ACT, DROP)
+        out = (n * tl.num_programs(1) + tile) * C + tl.arange(0, BLOCK_C)
         tl.store(s1_ptr + out, tl.sum(dz, axis=0), mask=cm)
         tl.store(s2_ptr + out, tl.sum(dz * xhat, axis=0), mask=cm)
 
@@ -133,20 +141,15 @@ if triton is not None:
                             ACT: tl.constexpr, DROP: tl.constexpr):
         """dx = rstd·(γ dz − k1 − x̂·k2), with k1, k2 the group means of γ dz and γ dz x̂ (per channel)."""
         n, tile = tl.program_id(0), tl.program_id(1)
-        offs, mask, x = _tile(x_ptr, n, tile * BLOCK_HW, HW, C, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        offs, mask, dz, xhat, cm = _grad_tile(x_ptr, dy_ptr, a_ptr, b_ptr, mean_ptr, rstd_ptr, seed_ptr, p, n, tile,
+                                              HW, C, s_n, s_hw, s_c, BLOCK_HW, BLOCK_C, ACT, DROP)
         c = tl.arange(0, BLOCK_C)
-        cm = c < C
         row = n * C + c
-        a = tl.load(a_ptr + row, mask=cm, other=0.0)
-        b = tl.load(b_ptr + row, mask=cm, other=0.0)
-        _, _, slope = _act(x, a, b, tl.load(seed_ptr), offs, mask, p, ACT, DROP)
         rstd = tl.load(rstd_ptr + row, mask=cm, other=0.0)[None, :]
-        xhat = (x - tl.load(mean_ptr + row, mask=cm, other=0.0)[None, :]) * rstd
         gamma = tl.load(gamma_ptr + c, mask=cm, other=0.0)[None, :]
         k1 = tl.load(k1_ptr + row, mask=cm, other=0.0)[None, :]
         k2 = tl.load(k2_ptr + row, mask=cm, other=0.0)[None, :]
-        dx = rstd * (gamma * dy * slope - k1 - xhat * k2)
+        dx = rstd * (gamma * dz - k1 - xhat * k2)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
