@@ -154,13 +154,10 @@ if triton is not None:
 
 
 def _layout(x: Tensor) -> tuple[int, int, int, int, int, int]:
-    """N, C, H·W and the strides of sample, pixel and channel: H and W must flatten into one pixel axis."""
-    if x.dim() != 4:
-        raise ValueError(f"group_norm_act takes [N, C, H, W] activations, got shape {tuple(x.shape)}")
+    """N, C, H·W and the strides of sample, pixel and channel, for x dense in NCHW or channels_last (where H and
+    W flatten into one pixel axis)."""
     N, C, H, W = x.shape
     sn, sc, sh, sw = x.stride()
-    if H > 1 and W > 1 and sh != W * sw:
-        raise ValueError(f"group_norm_act needs H and W to flatten (NCHW or channels_last), got strides {x.stride()}")
     return N, C, H * W, sn, (sw if W > 1 else sh), sc
 
 
@@ -202,6 +199,8 @@ def _affine(mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | No
 def _check(x: Tensor, G: int, p: float) -> None:
     if triton is None:
         raise RuntimeError("group_norm_act needs Triton (it ships with PyTorch's CUDA builds)")
+    if x.dim() != 4:
+        raise ValueError(f"group_norm_act takes [N, C, H, W] activations, got shape {tuple(x.shape)}")
     if x.shape[1] % G:
         raise ValueError(f"{x.shape[1]} channels do not split into {G} groups")
     if not 0.0 <= p < 1.0:
@@ -257,6 +256,7 @@ def group_norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, num_gr
     fixes the dropout mask; by default it is drawn from torch's generator for x's device, so that the mask is
     new at every call, CUDA graph replays included."""
     _check(x, num_groups, p)
+    x = x.contiguous(memory_format=_format(x))  # dense, so that dy can be laid out with the same strides
     if seed is None:
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int32)
     return _GroupNormAct.apply(x, weight, bias, num_groups, eps, act, float(p), seed)
