@@ -84,7 +84,8 @@ if triton is not None:
 
     @triton.jit
     def _act(x, a, b, seed, offs, mask, p, ACT: tl.constexpr, DROP: tl.constexpr):
-        """z = a·x + b per channel; the output y and the factor dy/dz (SiLU's slope, the dropout mask)."""
+        """With z = a·x + b per channel: the output y (zero outside the tensor) and the factor dy/dz (SiLU's
+        slope, the dropout mask)."""
         z = x * a[None, :] + b[None, :]
         if ACT:
             s = tl.sigmoid(z)
@@ -94,7 +95,7 @@ if triton is not None:
         if DROP:
             keep = tl.where(tl.rand(seed, offs) >= p, 1.0 / (1.0 - p), 0.0)
             y, slope = y * keep, slope * keep
-        return z, tl.where(mask, y, 0.0), slope
+        return tl.where(mask, y, 0.0), slope
 
     @triton.jit
     def _forward_kernel(x_ptr, y_ptr, a_ptr, b_ptr, seed_ptr, p, HW, C, s_n, s_hw, s_c,
@@ -104,7 +105,7 @@ if triton is not None:
         c = tl.arange(0, BLOCK_C)
         a = tl.load(a_ptr + n * C + c, mask=c < C, other=0.0)
         b = tl.load(b_ptr + n * C + c, mask=c < C, other=0.0)
-        _, y, _ = _act(x, a, b, tl.load(seed_ptr), offs, mask, p, ACT, DROP)
+        y, _ = _act(x, a, b, tl.load(seed_ptr), offs, mask, p, ACT, DROP)
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -118,7 +119,7 @@ if triton is not None:
         row = n * C + c
         a = tl.load(a_ptr + row, mask=cm, other=0.0)
         b = tl.load(b_ptr + row, mask=cm, other=0.0)
-        _, _, slope = _act(x, a, b, tl.load(seed_ptr), offs, mask, p, ACT, DROP)
+        _, slope = _act(x, a, b, tl.load(seed_ptr), offs, mask, p, ACT, DROP)
         xhat = (x - tl.load(mean_ptr + row, mask=cm, other=0.0)[None, :]) \
             * tl.load(rstd_ptr + row, mask=cm, other=0.0)[None, :]
         return offs, mask, tl.where(mask, dy * slope, 0.0), xhat, cm

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .diffusion import GaussianDiffusion
+from .loading import BOOK_MODELS, WEIGHTS_DIR, load_book_model
 from .samplers import ddim_timesteps
 from .unet import UNet, Upsample
 
@@ -194,11 +195,9 @@ def max_abs_error(path: str | Path, model: UNet, *, batch: int = 3, seed: int = 
     return float((torch.from_numpy(got) - want).abs().max())
 
 
-def export_book_models(out_dir: str | Path, names: tuple[str, ...] = ("fashion", "fashion_cond")) -> dict:
+def export_book_models(out_dir: str | Path, names: tuple[str, ...] = BOOK_MODELS) -> dict:
     """Each book model as ``<name>.onnx`` and ``<name>.json`` (its ``sampler_constants``, its input names and
     its parameter count) in ``out_dir``; returns {name: {"onnx": path, "json": path, "max_abs_error": float}}."""
-    from .loading import load_book_model
-
     out_dir = Path(out_dir)
     written = {}
     for name in names:
@@ -223,16 +222,14 @@ ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-th
 
 def _stamp(names: tuple[str, ...]) -> str:
     """What the exported files depend on: the weights, this module and the torch release."""
-    from importlib.resources import files
-
     h = hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode())
     for name in names:
-        h.update(files("ddpm_lib").joinpath(f"weights/{name}.safetensors").read_bytes())
+        h.update((WEIGHTS_DIR / f"{name}.safetensors").read_bytes())
     return h.hexdigest()
 
 
 def write_live_assets(dest: str | Path, ort_dist: str | Path,
-                      names: tuple[str, ...] = ("fashion", "fashion_cond")) -> Path:
+                      names: tuple[str, ...] = BOOK_MODELS) -> Path:
     """The files the book's live panel loads, under ``dest/live``: each book model's ``.onnx`` and ``.json``
     (``export_book_models``) and ONNX Runtime Web's module and WebAssembly (``ORT_FILES``, copied from
     ``ort_dist``, the ``dist`` folder of the npm package ``onnxruntime-web``) in ``dest/live/ort``.
@@ -260,7 +257,7 @@ def write_live_assets(dest: str | Path, ort_dist: str | Path,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export the book's models to ONNX, with their sampler constants.")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--models", nargs="+", default=["fashion", "fashion_cond"])
+    parser.add_argument("--models", nargs="+", default=list(BOOK_MODELS), choices=BOOK_MODELS)
     args = parser.parse_args(argv)
     for name, w in export_book_models(args.out_dir, tuple(args.models)).items():
         print(f"{name}: {w['onnx']} ({w['onnx'].stat().st_size / 1e6:.1f} MB), {w['json']}; "

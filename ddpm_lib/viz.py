@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .configs import get_config
 from .data import to_uint8
+from .loading import BOOK_MODELS
 
 STATIC_ENV_VAR = "DDPM_BOOK_STATIC"
 
@@ -316,9 +318,9 @@ def timestep_scrubber(
 
 # ---------------------------------------------------------------------------------- the live panel
 
-# The models a page can sample live (exported by ``onnx_export.export_book_models``): name → number of classes
-# (None: unconditional). The label ``None`` of a conditional model is the null label ∅ (index num_classes).
-_LIVE_MODELS: dict[str, int | None] = {"fashion": None, "fashion_cond": 10}
+# The models a page can sample live (the book's, exported by ``onnx_export.export_book_models``): name → number of
+# classes (None: unconditional). The label ``None`` of a conditional model is the null label ∅ (index num_classes).
+_LIVE_MODELS: dict[str, int | None] = {name: get_config(name).model.num_classes for name in BOOK_MODELS}
 _LIVE_SAMPLERS = ("ddpm", "ddim")
 _LIVE_MAX_GUIDANCE = 4.0  # the panel's guidance slider runs over 0 … 4
 

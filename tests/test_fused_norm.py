@@ -47,7 +47,7 @@ def plain(x, weight, bias, G, eps, act):
     return (F.silu(y) if act else y).to(x.dtype)
 
 
-def inputs(shape, G, dtype, channels_last, seed=0):
+def inputs(shape, dtype, channels_last, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 3 + 1.5).to(DEVICE, dtype)  # an offset mean: the statistics must not cancel
     if channels_last:
@@ -67,7 +67,7 @@ CASES = [((2, 12, 5, 6), 4), ((3, 32, 7, 7), 8), ((1, 64, 8, 8), 32), ((2, 8, 1,
 @pytest.mark.parametrize("shape,G", CASES)
 @pytest.mark.parametrize("act", [True, False], ids=["silu", "norm_only"])
 def test_forward_and_gradients_match_the_plain_ops(fused, shape, G, dtype, channels_last, act) -> None:
-    x, weight, bias = inputs(shape, G, dtype, channels_last)
+    x, weight, bias = inputs(shape, dtype, channels_last)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     y = fused.group_norm_act(*leaves, G, 1e-6, act=act)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last) == channels_last
@@ -84,7 +84,7 @@ def test_forward_and_gradients_match_the_plain_ops(fused, shape, G, dtype, chann
 
 
 def test_dropout_masks_from_the_seed_and_back_propagates_through_the_same_mask(fused) -> None:
-    x, weight, bias = inputs((4, 16, 9, 9), 4, torch.float32, True)
+    x, weight, bias = inputs((4, 16, 9, 9), torch.float32, True)
     seed = torch.tensor([1234], dtype=torch.int32, device=DEVICE)
     xr = x.clone().requires_grad_()
     y = fused.group_norm_act(xr, weight, bias, 4, 1e-6, p=0.25, seed=seed)
@@ -106,7 +106,7 @@ def test_dropout_masks_from_the_seed_and_back_propagates_through_the_same_mask(f
 def test_a_strided_view_is_normalized_as_its_values(fused, channels_last) -> None:
     """A channel slice (as of a concatenation) and a batch slice with a step are not dense in memory; the
     output and the gradient are those of the plain ops on the same values."""
-    x, weight, bias = inputs((4, 12, 6, 5), 4, torch.float32, channels_last)
+    x, weight, bias = inputs((4, 12, 6, 5), torch.float32, channels_last)
     for take in (lambda t: t[:, :8], lambda t: t[::2]):
         got_base, want_base = x.clone().requires_grad_(), x.clone().requires_grad_()
         view = take(got_base)
@@ -121,7 +121,7 @@ def test_a_strided_view_is_normalized_as_its_values(fused, channels_last) -> Non
 
 
 def test_bad_input_is_named(fused) -> None:
-    x, weight, bias = inputs((2, 12, 4, 4), 4, torch.float32, False)
+    x, weight, bias = inputs((2, 12, 4, 4), torch.float32, False)
     with pytest.raises(ValueError, match="12 channels do not split into 5 groups"):
         fused.group_norm_act(x, weight, bias, 5, 1e-6)
     with pytest.raises(ValueError, match="dropout probability"):
@@ -161,7 +161,7 @@ def test_the_unet_with_the_fused_path_is_the_unet(fused, monkeypatch) -> None:
 
 def test_off_cuda_the_plain_ops_are_used(fused, monkeypatch) -> None:
     monkeypatch.setenv("DDPM_LIB_FUSED_NORM", "1")
-    x, *_ = inputs((2, 8, 4, 4), 4, torch.float32, True)
+    x, *_ = inputs((2, 8, 4, 4), torch.float32, True)
     x = x.cpu()
     assert not fused.enabled(x)  # a CPU tensor, whatever the variable says
     norm = torch.nn.GroupNorm(4, 8, eps=1e-6)
