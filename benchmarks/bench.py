@@ -35,16 +35,18 @@ Speed is never asserted; ``tests/test_bench.py`` runs ``--smoke`` and checks the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
 import json
 import math
+import os
 import platform
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -53,10 +55,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ddpm_lib import fused_norm  # noqa: E402
 from ddpm_lib.base import resolve_device  # noqa: E402
 from ddpm_lib.configs import Config, ModelConfig, get_config  # noqa: E402
 from ddpm_lib.diffusion import GaussianDiffusion  # noqa: E402
-from ddpm_lib.precision import Autocast, check_precision, set_fp32_precision  # noqa: E402
+from ddpm_lib.precision import Autocast, check_precision, fp32_precision, set_fp32_precision  # noqa: E402
 from ddpm_lib.pretrained import diffusers_config  # noqa: E402
 from ddpm_lib.samplers import ddim_timesteps, sample_loop  # noqa: E402
 from ddpm_lib.train import build_training_state, learning_rate, train_step  # noqa: E402
@@ -311,6 +314,11 @@ def bench_train(who: str, cfg: Config, device: torch.device, mode: str, steps: i
     for i in range(warmup):
         losses.append(step_fn(batches[i % 8], i))
     sync(device)
+    # The peak of building and warming up (cuDNN's autotuner tries algorithms with large workspaces, once per
+    # process and shape, so it falls on whichever network runs first), apart from the steady steps' peak.
+    warmup_peak = peak_memory_gib(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t1 = time.perf_counter()
     for i in range(warmup, steps):
         losses.append(step_fn(batches[i % 8], i))
@@ -323,6 +331,7 @@ def bench_train(who: str, cfg: Config, device: torch.device, mode: str, steps: i
         "steps_per_s": (steps - warmup) / elapsed, "images_per_s": (steps - warmup) * b / elapsed,
         "warmup_s": t1 - t0, "first_loss": loss[:k].mean().item(), "last_loss": loss[-k:].mean().item(),
         "finite": bool(torch.isfinite(loss).all()), "peak_memory_gib": peak_memory_gib(device),
+        "warmup_peak_memory_gib": warmup_peak,
     }
     if profile_steps:
         try:
@@ -331,6 +340,88 @@ def bench_train(who: str, cfg: Config, device: torch.device, mode: str, steps: i
             result["profile"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
     reset_compiler(compile)
     return result
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _node_tensors(node) -> list[Tensor]:
+    """The tensors one autograd node holds for its backward: a built-in op's ``_saved_*`` attributes, or a
+    custom ``autograd.Function``'s ``saved_tensors``."""
+    found = []
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            value = getattr(node, name)
+            found += [v for v in (value if isinstance(value, (tuple, list)) else [value]) if isinstance(v, Tensor)]
+    if not found and hasattr(node, "saved_tensors"):
+        found = [v for v in node.saved_tensors if isinstance(v, Tensor)]
+    return found
+
+
+def saved_by_op(out: Tensor, params: set[int]) -> dict[str, int]:
+    """Bytes held for the backward of ``out``'s graph, by the op that holds them (autograd node name without
+    ``Backward`` and its number): every node reached from ``out.grad_fn``, each storage counted once, under the
+    first op of the forward pass that kept it; the storages in ``params`` (the weights) not at all."""
+    nodes, stack = {}, [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes[node] = node._sequence_nr()  # the order in which the forward pass made the nodes
+            stack.extend(fn for fn, _ in node.next_functions)
+    seen, by_op = set(params), {}
+    for node in sorted(nodes, key=nodes.get):
+        op = re.sub(r"Backward\d*$", "", node.name().rsplit(".", 1)[-1])
+        for v in _node_tensors(node):
+            storage = v.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                by_op[op] = by_op.get(op, 0) + storage.nbytes()
+    return dict(sorted(by_op.items(), key=lambda kv: -kv[1]))
+
+
+@contextlib.contextmanager
+def fused_path(on: bool) -> Iterator[None]:
+    """``norm_act`` takes the fused kernels (``on``) or the plain ops, whatever ``DDPM_LIB_FUSED_NORM`` says; on
+    the CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` before the import)."""
+    saved = fused_norm.enabled
+    fused_norm.enabled = lambda x: on
+    try:
+        yield
+    finally:
+        fused_norm.enabled = saved
+
+
+def fused_runnable(device: torch.device) -> bool:
+    """Whether the fused kernels can run here: Triton on CUDA, or Triton's interpreter on the CPU."""
+    return fused_norm.triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def bench_activations(who: str, mc: ModelConfig, device: torch.device, precision: str, batch: int) -> dict:
+    """What one training forward pass at ``batch`` keeps for its backward (the activation memory of training,
+    without the weights, gradients and optimizer state, which are the same for both networks), by op.
+    Deterministic, so it can be compared on any device; on CUDA the ops are CUDA's (attention's saved
+    tensors depend on the backend chosen). With the fused GroupNorm path on (``fused_norm.enabled``) ours
+    keeps only each norm's input and statistics, where the plain ops keep the norm's output for SiLU and a
+    dropout mask besides."""
+    torch.manual_seed(0)
+    raw = UNet.from_config(mc) if who == "ours" else build_peer(mc)
+    raw = raw.to(device).train()
+    if device.type == "cuda":
+        raw = raw.to(memory_format=torch.channels_last)
+    net: nn.Module = raw if who == "ours" else PeerDenoiser(raw)
+    net = Autocast(net, device.type, torch.bfloat16 if precision == "bf16" else None)
+    x = torch.randn(batch, mc.in_channels, mc.image_size, mc.image_size, device=device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with fp32_precision(precision):
+        out = net(x, t)
+    by_op = saved_by_op(out, {q.untyped_storage().data_ptr() for q in raw.parameters()})
+    total = sum(by_op.values())
+    fused = who == "ours" and fused_norm.enabled(x)
+    return {"part": "activations", "who": who, "mode": precision, "fused_norm": fused, "batch_size": batch,
+            "saved_gib": total / 2**30, "saved_mib_per_image": total / 2**20 / batch,
+            "by_op_mib": {k: round(v / 2**20, 3) for k, v in by_op.items()}, "finite": bool(torch.isfinite(out).all())}
 
 
 # --------------------------------------------------------------------------- profile
@@ -552,10 +643,14 @@ def add_derived(report: dict) -> None:
         if r["who"] == "ours" and peer:
             if r["part"] == "train":
                 r["speedup_vs_peer"] = r["steps_per_s"] / peer["steps_per_s"]
-            else:
+            elif r["part"] == "sample":
                 r["speedup_vs_peer"] = peer["seconds"] / r["seconds"]
-            if r["peak_memory_gib"] and peer["peak_memory_gib"]:
-                r["memory_vs_peer"] = r["peak_memory_gib"] / peer["peak_memory_gib"]
+            for key, name in (("peak_memory_gib", "memory_vs_peer"), ("saved_gib", "activations_vs_peer"),
+                              ("warmup_peak_memory_gib", "warmup_memory_vs_peer")):
+                if r.get(key) and peer.get(key):
+                    r[name] = r[key] / peer[key]
+        if r["part"] == "activations":
+            continue
         f = flops.get(r["who"])
         precision = r["mode"].split("+")[0]
         peak = peak_tflops(report, precision)
@@ -578,6 +673,11 @@ def print_table(report: dict) -> None:
         if "error" in r:
             print(f"{r['part']:<7}{r['who']:<6}{r['mode']:<20}failed: {r['error'][:60]}")
             continue
+        if r["part"] == "activations":
+            ratio = f"{r['activations_vs_peer']:.2f}x" if "activations_vs_peer" in r else ""
+            mode = r["mode"] + ("+fused" if r["fused_norm"] else "")
+            print(f"{'saved':<7}{r['who']:<6}{mode:<20}{'':<9}{r['saved_mib_per_image']:>9.1f}MiB{'':>19}{ratio:>10}")
+            continue
         speed = (f"{r['steps_per_s']:.2f}" if r["part"] == "train"
                  else f"{r['seconds']:.2f}" + ("*" if r["projected"] else ""))
         mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
@@ -585,7 +685,8 @@ def print_table(report: dict) -> None:
         ratio = f"{r['speedup_vs_peer']:.2f}x" if "speedup_vs_peer" in r else ""
         print(f"{r['part']:<7}{r['who']:<6}{r['mode']:<20}{r.get('sampler', ''):<9}{speed:>12}{mem:>10}{tf:>9}"
               f"{ratio:>10}")
-    print("(* projected from the timed steps; train: steps/s, sample: seconds for all images)")
+    print("(* projected from the timed steps; train: steps/s, sample: seconds for all images; saved: what one "
+          "training forward keeps for the backward, per image)")
 
 
 def markdown_tables(report: dict) -> str:
@@ -622,6 +723,15 @@ def markdown_tables(report: dict) -> str:
                          + (f"{p['seconds']:.2f}{'*' if p['projected'] else ''} | {r['speedup_vs_peer']:.2f}× | "
                             if p else "– | – | ")
                          + f"{gib(r)} / {gib(p)} | {mfu(r)} | {r['fid_50k_hours']:.2f} h |")
+    acts = [r for r in res if r["part"] == "activations"]
+    if acts:
+        lines += ["", "| kept for the backward | who | MiB per image | ours/peer | largest ops (MiB per image) |",
+                  "|---|---|---|---|---|"]
+        for r in acts:
+            top = ", ".join(f"{k} {v / r['batch_size']:.1f}" for k, v in list(r["by_op_mib"].items())[:4])
+            ratio = f"{r['activations_vs_peer']:.2f}×" if "activations_vs_peer" in r else "–"
+            lines.append(f"| {r['mode']} | {r['who']}{' (fused norm)' if r['fused_norm'] else ''} | "
+                         f"{r['saved_mib_per_image']:.1f} | {ratio} | {top} |")
     lines.append("")
     lines.append("\\* projected from the steps timed (every step costs the same).")
     return "\n".join(lines)
@@ -631,11 +741,14 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="cifar10")
     p.add_argument("--device", default=None)
-    p.add_argument("--parts", default="flops,train,sample", help="comma list of flops, train, sample")
+    p.add_argument("--parts", default="flops,activations,train,sample",
+                   help="comma list of flops, activations, train, sample")
     p.add_argument("--modes", default=None, help="comma list of fp32, tf32, bf16 with optional +compile "
                    "(default: bf16+compile,bf16,fp32 on CUDA; fp32,bf16 on CPU)")
     p.add_argument("--who", default="ours,peer")
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
+    p.add_argument("--activation-batch", type=int, default=None,
+                   help="batch of the activation count (default: the training batch)")
     p.add_argument("--train-steps", type=int, default=50, help="per mode, warm-up included")
     p.add_argument("--train-warmup", type=int, default=15, help="untimed steps first (autotuning, compile)")
     p.add_argument("--lr-warmup", type=int, default=20, help="learning-rate warm-up for the benchmark's steps")
@@ -713,6 +826,9 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows:
             if "error" in r:
                 print(f"FAILED {r['part']} {r['who']} {r['mode']}: {r['error']}", flush=True)
+            elif r["part"] == "activations":
+                print(f"activations {r['who']}{' fused' if r['fused_norm'] else ''} {r['mode']}: "
+                      f"{r['saved_mib_per_image']:.1f} MiB per image", flush=True)
             elif r["part"] == "train":
                 print(f"train {r['who']} {r['mode']}: {r['steps_per_s']:.2f} steps/s, loss {r['first_loss']:.3f} "
                       f"→ {r['last_loss']:.3f}", flush=True)
@@ -734,6 +850,15 @@ def main(argv: list[str] | None = None) -> dict:
             raise RuntimeError(f"the peer is not the same network: {report['flops']}")
         print(json.dumps(report["flops"]), flush=True)
         save()
+    if "activations" in parts:
+        precisions = list(dict.fromkeys(parse_mode(m).precision for m in modes))
+        for precision in precisions:
+            runs = [(w, False) for w in who] + ([("ours", True)] if "ours" in who and fused_runnable(device) else [])
+            for w, fused in runs:
+                def count(w=w, fused=fused, precision=precision) -> list[dict]:
+                    with fused_path(fused):
+                        return [bench_activations(w, mc, device, precision, args.activation_batch or args.batch_size)]
+                attempt(f"activations {w} {precision}{' fused' if fused else ''}", count)
     pool = smooth_images(8 * args.batch_size, mc.in_channels, mc.image_size, device)
     for mode in modes:
         if "train" in parts:

@@ -166,6 +166,8 @@ def _add_sample(sub) -> None:
     s.add_argument("--noise", default="cpu", choices=["cpu", "device"],
                    help="where each image's noise is made from its seed: one CPU generator per image (default), "
                         "or Philox on the sampling device (no host work per step; other images for a seed)")
+    s.add_argument("--graph", action="store_true",
+                   help="replay each sampling step from a CUDA graph (CUDA, with --noise device): one launch a step")
     s.add_argument("--device", default=None, help="cuda, cuda:1, cpu … (default: cuda if available)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample, interrupted="finished chunks are kept; rerun the same command to continue")
@@ -234,7 +236,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
              eta=args.eta, seed=args.seed, batch_size=args.batch_size, device=device, precision=args.precision,
              out_path=args.out, chunk_size=args.chunk_size, progress=not args.no_progress,
              class_labels=labels, guidance_scale=args.guidance_scale, compile=args.compile,
-             noise=args.noise)
+             noise=args.noise, graph=args.graph)
     steps = args.steps or loaded.diffusion.num_timesteps
     how = "ddpm" if args.sampler == "ddpm" else f"ddim, {steps} steps, eta {args.eta:g}"
     if labels is not None:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .base import Model, model_device
 from .data import to_model_range, to_uint8
 from .diffusion import GaussianDiffusion
+from .graphed import GraphedSampler
 from .guidance import check_guidance_scale, num_classes_of, resolve_class_labels
 from .jobs import OUTPUT_SUFFIXES, run_batches, run_to_file
 from .precision import Autocast, check_precision, fp32_precision
@@ -126,6 +127,8 @@ def _job(model: Model, diffusion: GaussianDiffusion, n: int, tau: list[int], lab
            "image_shape": list(shape), "T": diffusion.num_timesteps, "weights": weights_fingerprint(model)}
     if args["compile"]:  # only when set, so that jobs without it keep their old description
         job["compile"] = True
+    if args["graph"]:  # likewise
+        job["graph"] = True
     if args["noise"] != "cpu":  # likewise
         job["noise"] = args["noise"]
     if labels is not None:  # only for conditional jobs, so unconditional jobs keep their old description
@@ -134,13 +137,37 @@ def _job(model: Model, diffusion: GaussianDiffusion, n: int, tau: list[int], lab
     return job
 
 
+def _batch_sampler(diffusion: GaussianDiffusion, net: Model, shape: tuple[int, int, int], labels: Tensor | None,
+                   device: torch.device, precision: str, noise: str, seed: int, graph: bool, progress: bool,
+                   **sampling):
+    """``generate``'s batch function: images ``indices`` as uint8 [b, H, W, C], by ``samplers.sample_loop`` or,
+    with ``graph``, by a ``GraphedSampler`` (one per batch size). ``sampling``: the sampler's own arguments."""
+    graphed: dict[int, GraphedSampler] = {}
+
+    def sample(indices: Sequence[int]) -> np.ndarray:
+        y = None if labels is None else labels[list(indices)].to(device)
+        with fp32_precision(precision):
+            if graph:
+                b = len(indices)
+                if b not in graphed:
+                    graphed[b] = GraphedSampler(diffusion, net, (b, *shape), conditional=y is not None,
+                                                device=device, **sampling)
+                x = graphed[b](ImageNoise.for_images(seed, indices).keys, y=y)
+            else:
+                x = sample_loop(diffusion, net, (len(indices), *shape), generator=_noise(noise, seed, indices, device),
+                                device=device, y=y, progress=progress, **sampling)  # a bar over each batch's steps
+        return to_uint8(x.float()).permute(0, 2, 3, 1).cpu().numpy()
+
+    return sample
+
+
 def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str = "ddpm",
              steps: int | None = None, spacing: str = "uniform", eta: float = 0.0, seed: int = 0,
              batch_size: int | None = None, device: torch.device | str | None = None, precision: str = "fp32",
              clip_denoised: bool = True, image_shape: Sequence[int] | None = None,
              out_path: str | Path | None = None, chunk_size: int = 1000, progress: bool = True,
              class_labels: int | str | Sequence[int] | Tensor | None = None, guidance_scale: float = 0.0,
-             compile: bool = False, noise: str = "cpu") -> Tensor:
+             compile: bool = False, noise: str = "cpu", graph: bool = False) -> Tensor:
     """``n`` images as uint8 [n, H, W, C] (CPU), the same for a given seed whatever ``batch_size``.
 
     ``sampler``, ``steps``, ``spacing``, ``eta`` as in ``samplers.sample_loop``. The model runs on ``device``
@@ -156,35 +183,35 @@ def generate(model: Model, diffusion: GaussianDiffusion, n: int, *, sampler: str
     loop that took 256 cifar10 images × 1000 steps from 34.5 s to 11.8 s in bf16 on one H200. Compiled
     kernels round differently from eager ones, so labels, guidance and compile enter the job. ``noise``: "cpu"
     (per-image CPU generators, the default) or "device" (``rng.ImageNoise`` on ``device``; see above).
+    ``graph=True`` (CUDA, with ``noise="device"``) replays each sampling step from a CUDA graph
+    (``graphed.GraphedSampler``, one per batch size), the same images up to the rounding of autotuned kernels.
     """
     if noise not in NOISE_SOURCES:
         raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
     _check_args(n, chunk_size, batch_size, seed, out_path)
+    device = torch.device(device) if device is not None else model_device(model)
+    if graph and noise != "device":
+        raise ValueError('graph=True needs noise="device": per-image CPU generators cannot be captured in a graph')
+    if graph and device.type != "cuda":
+        raise ValueError(f"graph=True needs a CUDA device, got {device}")
     check_precision(precision)
     tau = sampling_timesteps(diffusion.num_timesteps, sampler, steps, None, spacing, eta)
     guidance_scale = check_guidance_scale(guidance_scale)
     labels = _labels(model, class_labels, guidance_scale, n)
     shape = _image_shape(model, image_shape)
-    device = torch.device(device) if device is not None else model_device(model)
     batch_size = batch_size or min(n, chunk_size)
     with sampling_model(model, device, channels_last=compile and device.type == "cuda") as net:
         net = torch.compile(net, dynamic=False) if compile else net
         net = Autocast(net, device.type, torch.bfloat16) if precision == "bf16" else net
 
-        def sample(indices: Sequence[int]) -> np.ndarray:  # uint8 [b, H, W, C]
-            y = None if labels is None else labels[list(indices)].to(device)
-            with fp32_precision(precision):
-                x = sample_loop(diffusion, net, (len(indices), *shape), sampler=sampler, steps=steps,
-                                spacing=spacing, eta=eta, generator=_noise(noise, seed, indices, device),
-                                clip_denoised=clip_denoised, device=device, y=y, guidance_scale=guidance_scale,
-                                progress=progress)  # a bar over the steps of each batch
-            return to_uint8(x.float()).permute(0, 2, 3, 1).cpu().numpy()
-
+        sample = _batch_sampler(diffusion, net, shape, labels, device, precision, noise, seed, graph, progress,
+                                sampler=sampler, steps=steps, spacing=spacing, eta=eta, clip_denoised=clip_denoised,
+                                guidance_scale=guidance_scale)
         if out_path is None:
             return torch.from_numpy(run_batches(sample, list(range(n)), batch_size, progress, 0, n))
         job = _job(model, diffusion, n, tau, labels, shape, chunk_size=chunk_size, sampler=sampler, spacing=spacing,
                    eta=eta, seed=seed, clip_denoised=clip_denoised, precision=precision, compile=compile,
-                   guidance_scale=guidance_scale, noise=noise)
+                   guidance_scale=guidance_scale, noise=noise, graph=graph)
         return torch.from_numpy(run_to_file(Path(out_path), job, sample, batch_size, progress))
 
 

@@ -110,16 +110,23 @@ def ddim_step(diffusion: GaussianDiffusion, model: Model, x_t: Tensor, t: int, t
     drawn from ``generator`` only when σ > 0. Returns ``sample`` (x_s), ``mean`` (x_s without σ z),
     ``variance`` σ² (a float), ``pred_x0`` and ``pred_eps``.
     """
-    alpha_bar = diffusion.const("alpha_bar")
-    a_t = float(alpha_bar[t])
-    a_s = float(alpha_bar[t_prev]) if t_prev >= 0 else 1.0  # ᾱ at index −1 is 1 (DDIM's ᾱ_0)
+    c_x0, c_eps, var = ddim_coefficients(diffusion, t, t_prev, eta)
     t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     x0 = diffusion.p_mean_variance(model, x_t, t_batch, clip_denoised)["pred_x0"]  # x̂_0 (eq. 15 for ε)
     eps = diffusion.predict_eps_from_x0(x_t, t_batch, x0)  # ε̂ consistent with the clipped x̂_0
-    var = eta**2 * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)  # DDIM eq. 16: σ_t(η)²
-    mean = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - var, 0.0)) * eps  # DDIM eq. 12 without σ z
+    mean = c_x0 * x0 + c_eps * eps  # DDIM eq. 12 without σ z
     sample = mean + math.sqrt(var) * randn(x_t.shape, generator, x_t.device, x_t.dtype) if var > 0 else mean
     return {"sample": sample, "mean": mean, "variance": var, "pred_x0": x0, "pred_eps": eps}
+
+
+def ddim_coefficients(diffusion: GaussianDiffusion, t: int, t_prev: int, eta: float) -> tuple[float, float, float]:
+    """DDIM eq. 12's coefficients of x̂_0 and ε̂, √ᾱ_s and √(1 − ᾱ_s − σ²), and σ² = σ_t(η)² (eq. 16), for the
+    step from index t to s = ``t_prev`` (−1: ᾱ_s = 1), in float64."""
+    alpha_bar = diffusion.const("alpha_bar")
+    a_t = float(alpha_bar[t])
+    a_s = float(alpha_bar[t_prev]) if t_prev >= 0 else 1.0  # ᾱ at index −1 is 1 (DDIM's ᾱ_0)
+    var = eta**2 * (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)  # DDIM eq. 16: σ_t(η)²
+    return math.sqrt(a_s), math.sqrt(max(1 - a_s - var, 0.0)), var
 
 
 # --------------------------------------------------------------------------- the loop

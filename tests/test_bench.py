@@ -92,10 +92,16 @@ def test_smoke_mode_runs_end_to_end(tmp_path):
     assert report["flops"]["ours"] == report["flops"]["peer"]  # the same network, counted twice
     assert report["flops"]["ours"]["train_gflop_per_image"] > 2.9 * report["flops"]["ours"]["forward_gflop_per_image"]
     rows = {(r["part"], r["who"], r.get("sampler")): r for r in report["results"]}
-    assert set(rows) == {(part, who, s) for who in ("ours", "peer")
-                         for part, s in (("train", None), ("sample", "ddpm"), ("sample", "ddim"))}
+    parts = (("activations", None), ("train", None), ("sample", "ddpm"), ("sample", "ddim"))
+    assert set(rows) == {(part, who, s) for who in ("ours", "peer") for part, s in parts}
     for (part, who, _), r in rows.items():
         assert r["finite"]
+        if part == "activations":  # the same network keeps about the same tensors for its backward
+            assert r["saved_gib"] > 0 and not r["fused_norm"] and r["batch_size"] == 4
+            assert {"Convolution", "NativeGroupNorm", "Silu"} <= set(r["by_op_mib"])
+            if who == "ours":
+                assert 0.9 < r["activations_vs_peer"] < 1.1
+            continue
         speed = r["steps_per_s"] if part == "train" else r["seconds"]
         assert math.isfinite(speed) and speed > 0
         if who == "ours":
@@ -104,3 +110,14 @@ def test_smoke_mode_runs_end_to_end(tmp_path):
             assert r["projected"] and r["timed_steps"] == 3 and r["images"] == 2
     assert rows[("train", "ours", None)]["profile"]["steps"] == 2
     assert "ours/peer" in res.stdout  # the printed table
+
+
+def test_saved_by_op_counts_each_storage_once_and_skips_weights(bench):
+    """silu(x) keeps x; h·w keeps h and w (w a weight, not counted); x·x keeps x again, which adds nothing."""
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(16, 4))
+    h = torch.nn.functional.silu(x)  # keeps x
+    y = (h @ w).sum() + (x * x).sum()  # mm keeps h (and w, skipped); x * x keeps x, already counted
+    by_op = bench.saved_by_op(y, {w.untyped_storage().data_ptr()})
+    assert by_op == {"Silu": x.nbytes, "Mm": h.nbytes}
+    assert bench.saved_by_op(y, set())["Mm"] == h.nbytes + w.nbytes

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import ddpm_lib.checkpoint as ckpt_io
@@ -236,3 +237,12 @@ def test_eval_reports_the_bound_and_rate_distortion_of_a_checkpoint(tmp_path, ti
 def test_eval_needs_samples_or_a_checkpoint(tmp_path, capsys):
     assert main(["eval", "--out", str(tmp_path / "r.json")]) == 1
     assert "--samples and/or --checkpoint" in capsys.readouterr().err
+
+
+def test_sample_with_graphs_names_what_they_need(tmp_path, tiny_ema, capsys):
+    assert main(sample_argv(tiny_ema, tmp_path / "g.npz", "--graph")) == 1
+    assert 'needs noise="device"' in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(sample_argv(tiny_ema, tmp_path / "g.npz", "--graph", "--noise", "device")) == 1
+        assert "needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "g.npz.partial").exists()

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("math", {"diffusion", "guidance", "samplers", "langevin"}),
     ("network", {"configs", "unet", "toy"}),
     ("data and files", {"data", "checkpoint", "grids", "jobs", "runs", "runlog", "pretrained", "metrics"}),
-    ("loading and generation", {"loading", "generation", "onnx_export"}),
+    ("loading and generation", {"loading", "graphed", "generation", "onnx_export"}),
     ("training", {"train"}),
     ("evaluation", {"evaluate"}),
     ("the book and its studies", {"viz", "studies", "studies.table2", "studies.beyond", "studies.figures"}),
