@@ -5,7 +5,8 @@ For the paper's CIFAR10 network (``--config cifar10``, 35.7M parameters) built t
 checked), this script measures on the same device, inputs and settings:
 
 * **train**: one step of Algorithm 1 (forward, backward, gradient clipping at 1, Adam, EMA) at the
-  recipe's batch 128: steps/s, images/s, peak memory, and that the loss falls. Ours is
+  recipe's batch 128: steps/s, images/s, peak memory of the timed steps (the warm-up's, which holds
+  cuDNN's one-off autotuning of whichever network runs first, apart), and that the loss falls. Ours is
   ``ddpm_lib.train.train_step`` itself; the peer's is the step diffusers' own
   ``train_unconditional`` example takes (``DDPMScheduler.add_noise``, MSE on ε, ``EMAModel``).
   Both get the same precision, memory format (channels_last on CUDA), fused Adam and compile.
@@ -14,7 +15,12 @@ checked), this script measures on the same device, inputs and settings:
   the peer's is diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` loop (what ``DDPMPipeline`` runs),
   fed the same β schedule. Where ``sample_steps_timed`` is below the number of steps, that many
   steps are timed and the total is projected (every step costs the same); the JSON marks it.
-  On CUDA with compile, also with the network captured in a CUDA graph (``CUDAGraphDenoiser`` below).
+  On CUDA with compile, also with CUDA graphs: ours replays its whole step from one graph
+  (``ddpm_lib.graphed.GraphedSampler``: network, update and on-device noise), the peer its network
+  (``CUDAGraphDenoiser`` below), since its scheduler step is host code.
+* **activations**: what one training forward pass keeps for its backward, by op (``saved_by_op``), for
+  each network and, where the kernels can run (CUDA, or ``TRITON_INTERPRET=1`` on a CPU), ours with the
+  fused GroupNorm path. Deterministic, so it explains peak memory on any machine.
 * **flops**: FLOPs per image of the forward pass and of forward + backward, counted by
   ``torch.utils.flop_counter`` on the meta device; with them the model FLOP utilisation (MFU)
   against the GPU's dense peak, and the projected time of the 800k-step recipe and of 50k samples,
@@ -59,6 +65,7 @@ from ddpm_lib import fused_norm  # noqa: E402
 from ddpm_lib.base import resolve_device  # noqa: E402
 from ddpm_lib.configs import Config, ModelConfig, get_config  # noqa: E402
 from ddpm_lib.diffusion import GaussianDiffusion  # noqa: E402
+from ddpm_lib.graphed import GraphedSampler  # noqa: E402
 from ddpm_lib.precision import Autocast, check_precision, fp32_precision, set_fp32_precision  # noqa: E402
 from ddpm_lib.pretrained import diffusers_config  # noqa: E402
 from ddpm_lib.samplers import ddim_timesteps, sample_loop  # noqa: E402
@@ -552,6 +559,20 @@ def ours_sampler(model: nn.Module, diffusion: GaussianDiffusion, kind: str, step
     return run_ddim, len(tau)
 
 
+def ours_graphed_sampler(model: nn.Module, diffusion: GaussianDiffusion, kind: str, steps: int):
+    """As ``ours_sampler``, each step replayed from one CUDA graph (``graphed.GraphedSampler``: network, update
+    and the on-device noise in one graph), the graph recorded at the first call."""
+    made: dict[str, GraphedSampler] = {}
+
+    def run(x_T: Tensor, gen: torch.Generator, k: int) -> Tensor:
+        if "sampler" not in made:
+            made["sampler"] = GraphedSampler(diffusion, model, x_T.shape, sampler=kind,
+                                             steps=None if kind == "ddpm" else steps, device=x_T.device)
+        keys = torch.arange(x_T.shape[0], dtype=torch.int64)
+        return made["sampler"](keys, x_T=x_T, first=k)
+    return run, diffusion.num_timesteps if kind == "ddpm" else len(ddim_timesteps(diffusion.num_timesteps, steps))
+
+
 def peer_sampler(model: nn.Module, diffusion: GaussianDiffusion, kind: str, steps: int):
     sched = peer_scheduler(kind, diffusion)
     sched.set_timesteps(diffusion.num_timesteps if kind == "ddpm" else steps)
@@ -568,11 +589,12 @@ def peer_sampler(model: nn.Module, diffusion: GaussianDiffusion, kind: str, step
 
 
 def time_samplers(who: str, net: nn.Module, diffusion: GaussianDiffusion, x_T: Tensor, mode: str,
-                  ddim_steps: int, timed_steps: int | None) -> list[dict]:
-    """Time 1000-step ancestral sampling and DDIM from x_T with ``net``; one row each."""
+                  ddim_steps: int, timed_steps: int | None, make: Callable | None = None) -> list[dict]:
+    """Time 1000-step ancestral sampling and DDIM from x_T with ``net``; one row each. ``make``: the loop
+    (default ``ours_sampler`` or ``peer_sampler``)."""
     device, rows = x_T.device, []
+    make = make or (ours_sampler if who == "ours" else peer_sampler)
     for kind, steps in (("ddpm", diffusion.num_timesteps), ("ddim", ddim_steps)):
-        make = ours_sampler if who == "ours" else peer_sampler
         run, total = make(net, diffusion, kind, steps)
         gen = torch.Generator(device=device).manual_seed(2)
         t0 = time.perf_counter()
@@ -618,11 +640,15 @@ def bench_sample(who: str, mc: ModelConfig, diffusion: GaussianDiffusion, device
     shape = (n, mc.in_channels, mc.image_size, mc.image_size)
     x_T = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(1)).to(device)
     rows = time_samplers(who, net, diffusion, x_T, mode, ddim_steps, timed_steps)
-    if graph:
+    if graph:  # ours: the whole step in one graph (the library's GraphedSampler); the peer: its network
         try:
-            graphed = CUDAGraphDenoiser(net, x_T, torch.zeros(n, dtype=torch.long, device=device))
-            rows += time_samplers(who, graphed, diffusion, x_T, mode + "+graph", ddim_steps, timed_steps)
-            del graphed
+            if who == "ours":
+                rows += time_samplers(who, net, diffusion, x_T, mode + "+graph", ddim_steps, timed_steps,
+                                      make=ours_graphed_sampler)
+            else:
+                graphed = CUDAGraphDenoiser(net, x_T, torch.zeros(n, dtype=torch.long, device=device))
+                rows += time_samplers(who, graphed, diffusion, x_T, mode + "+graph", ddim_steps, timed_steps)
+                del graphed
         except Exception as e:  # noqa: BLE001 - keep the rows measured without graphs
             rows.append({"part": "sample", "who": who, "mode": mode + "+graph", "error": f"{type(e).__name__}: {e}"})
     del net, raw
@@ -723,6 +749,8 @@ def markdown_tables(report: dict) -> str:
                          + (f"{p['seconds']:.2f}{'*' if p['projected'] else ''} | {r['speedup_vs_peer']:.2f}× | "
                             if p else "– | – | ")
                          + f"{gib(r)} / {gib(p)} | {mfu(r)} | {r['fid_50k_hours']:.2f} h |")
+    lines.append("")
+    lines.append("\\* projected from the steps timed (every step costs the same).")
     acts = [r for r in res if r["part"] == "activations"]
     if acts:
         lines += ["", "| kept for the backward | who | MiB per image | ours/peer | largest ops (MiB per image) |",
@@ -732,8 +760,6 @@ def markdown_tables(report: dict) -> str:
             ratio = f"{r['activations_vs_peer']:.2f}×" if "activations_vs_peer" in r else "–"
             lines.append(f"| {r['mode']} | {r['who']}{' (fused norm)' if r['fused_norm'] else ''} | "
                          f"{r['saved_mib_per_image']:.1f} | {ratio} | {top} |")
-    lines.append("")
-    lines.append("\\* projected from the steps timed (every step costs the same).")
     return "\n".join(lines)
 
 

@@ -5,7 +5,7 @@ backward, in either memory format (channels_last is the training layout, so no l
 ``dropout(silu(norm(x)))`` (without the SiLU when ``act`` is False, without dropout when ``dropout`` is None or
 not training) with the plain PyTorch ops, except where ``enabled(x)``: x on a CUDA device, Triton importable and
 ``DDPM_LIB_FUSED_NORM=1`` in the environment. The fused path is opt-in until it has been measured against the
-plain ops (compiled) on a GPU; ``benchmarks/gpu_check.sh`` runs its checks there. Off CUDA the plain ops are
+plain ops (compiled) on a GPU; ``benchmarks/gpu_fused_check.sh`` runs its checks there. Off CUDA the plain ops are
 always used.
 
 The maths (Wu & He 2018, GroupNorm; eps as the layer's): for sample n and group g of C/G channels,

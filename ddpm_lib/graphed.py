@@ -108,9 +108,11 @@ class GraphedSampler:
         self.x.copy_(x)
 
     @torch.no_grad()
-    def __call__(self, keys: Tensor, y: Tensor | None = None, x_T: Tensor | None = None) -> Tensor:
+    def __call__(self, keys: Tensor, y: Tensor | None = None, x_T: Tensor | None = None,
+                 first: int | None = None) -> Tensor:
         """x_0 for the images whose noise keys are ``keys`` [B] (int64); ``y`` [B] their labels for a conditional
-        sampler. x_T is the noise's first draw unless given."""
+        sampler. x_T is the noise's first draw unless given. ``first``: stop after that many steps (a benchmark
+        times part of the chain)."""
         B = self.shape[0]
         if tuple(keys.shape) != (B,) or keys.dtype != torch.int64:
             raise ValueError(f"keys must be int64 [{B}], got {keys.dtype} {list(keys.shape)}")
@@ -126,7 +128,7 @@ class GraphedSampler:
         if self.capture and self.graph is None:
             self._record()
         self.k.zero_()
-        for _ in self.tau:
+        for _ in self.tau[:first]:
             if self.graph is not None:
                 self.graph.replay()
             else:

@@ -121,3 +121,20 @@ def test_saved_by_op_counts_each_storage_once_and_skips_weights(bench):
     by_op = bench.saved_by_op(y, {w.untyped_storage().data_ptr()})
     assert by_op == {"Silu": x.nbytes, "Mm": h.nbytes}
     assert bench.saved_by_op(y, set())["Mm"] == h.nbytes + w.nbytes
+
+
+def test_the_graphed_loop_of_the_benchmark_is_the_loop(bench):
+    """DDIM with η = 0 draws nothing after x_T, so the graphed loop (run eagerly here) equals the plain one."""
+    from ddpm_lib import GaussianDiffusion
+
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    net = bench.randomize_(UNet.from_config(cfg.model)).eval()
+    d = GaussianDiffusion.from_config(cfg.diffusion)
+    x_T = torch.randn(2, 3, 16, 16)
+    plain, total = bench.ours_sampler(net, d, "ddim", 5)
+    graphed, total_g = bench.ours_graphed_sampler(net, d, "ddim", 5)
+    gen = torch.Generator().manual_seed(0)
+    assert total == total_g == 5
+    assert torch.equal(graphed(x_T, gen, 5), plain(x_T, gen, 5))
+    assert graphed(x_T, gen, 3).shape == x_T.shape  # a timed part of the chain
