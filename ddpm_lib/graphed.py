@@ -78,18 +78,18 @@ class GraphedSampler:
 
     def _step(self) -> None:
         """x ← the step's output at position k (x_{t−1} of Algorithm 2, or DDIM's x_s); k ← k + 1."""
-        x, k = self.x, self.k
-        t = self.t_table[k].expand(x.shape[0])
+        x, k = self.x, self.k.view(1)  # read by index_select: indexing with a 0-d tensor would read it on the host
+        t = self.t_table.index_select(0, k).expand(x.shape[0])
         if self.sampler == "ddpm":  # Algorithm 2, lines 3-4 (a draw at every step, as p_sample makes)
             out = self.diffusion.p_sample(self.model, x, t, self.clip, self.noise)["sample"]
         else:  # DDIM eq. 12, as samplers.ddim_step computes it
             x0 = self.diffusion.p_mean_variance(self.model, x, t, self.clip)["pred_x0"]
             eps = self.diffusion.predict_eps_from_x0(x, t, x0)
-            out = self.c_x0[k] * x0 + self.c_eps[k] * eps
+            out = self.c_x0.index_select(0, k) * x0 + self.c_eps.index_select(0, k) * eps
             if self.sigma is not None:  # the last step's σ is 0: its draw is made and multiplied by 0
-                out = out + self.sigma[k] * self.noise.randn(x.shape)
+                out = out + self.sigma.index_select(0, k) * self.noise.randn(x.shape)
         x.copy_(out)
-        k.add_(1)
+        self.k.add_(1)
 
     def _record(self) -> None:
         """Warm up on a side stream (the noise counter and x restored after), then capture one step."""
