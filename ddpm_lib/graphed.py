@@ -34,7 +34,7 @@ from .base import Model, model_device
 from .diffusion import GaussianDiffusion
 from .guidance import guided
 from .rng import ImageNoise
-from .samplers import ddim_coefficients, sampling_timesteps
+from .samplers import ddim_coefficients, ddim_mean, sampling_timesteps
 
 
 class GraphedSampler:
@@ -69,10 +69,10 @@ class GraphedSampler:
         self.t_table = torch.tensor(self.tau, dtype=torch.int64, device=dev)
         self.x = torch.zeros(self.shape, device=dev)
         if sampler == "ddim":
-            coefs = [ddim_coefficients(diffusion, t, self.tau[k + 1] if k + 1 < len(self.tau) else -1, eta)
-                     for k, t in enumerate(self.tau)]
-            self.c_x0, self.c_eps, var = (torch.tensor(c, dtype=torch.float64) for c in zip(*coefs, strict=True))
-            self.c_x0, self.c_eps = self.c_x0.to(dev, torch.float32), self.c_eps.to(dev, torch.float32)
+            nxt = [*self.tau[1:], -1]  # the index each step goes to (−1 after the last)
+            coefs = [ddim_coefficients(diffusion, t, s, eta) for t, s in zip(self.tau, nxt, strict=True)]
+            c_x0, c_eps, var = (torch.tensor(c, dtype=torch.float64) for c in zip(*coefs, strict=True))
+            self.c_x0, self.c_eps = c_x0.to(dev, torch.float32), c_eps.to(dev, torch.float32)
             self.sigma = var.sqrt().to(dev, torch.float32) if eta > 0 else None  # σ = 0 on every step at η = 0
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -82,10 +82,9 @@ class GraphedSampler:
         t = self.t_table.index_select(0, k).expand(x.shape[0])
         if self.sampler == "ddpm":  # Algorithm 2, lines 3-4 (a draw at every step, as p_sample makes)
             out = self.diffusion.p_sample(self.model, x, t, self.clip, self.noise)["sample"]
-        else:  # DDIM eq. 12, as samplers.ddim_step computes it
-            x0 = self.diffusion.p_mean_variance(self.model, x, t, self.clip)["pred_x0"]
-            eps = self.diffusion.predict_eps_from_x0(x, t, x0)
-            out = self.c_x0.index_select(0, k) * x0 + self.c_eps.index_select(0, k) * eps
+        else:  # DDIM eq. 12, by samplers.ddim_step's own mean
+            out = ddim_mean(self.diffusion, self.model, x, t, self.c_x0.index_select(0, k),
+                            self.c_eps.index_select(0, k), self.clip)[2]
             if self.sigma is not None:  # the last step's σ is 0: its draw is made and multiplied by 0
                 out = out + self.sigma.index_select(0, k) * self.noise.randn(x.shape)
         x.copy_(out)

@@ -112,11 +112,18 @@ def ddim_step(diffusion: GaussianDiffusion, model: Model, x_t: Tensor, t: int, t
     """
     c_x0, c_eps, var = ddim_coefficients(diffusion, t, t_prev, eta)
     t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-    x0 = diffusion.p_mean_variance(model, x_t, t_batch, clip_denoised)["pred_x0"]  # x̂_0 (eq. 15 for ε)
-    eps = diffusion.predict_eps_from_x0(x_t, t_batch, x0)  # ε̂ consistent with the clipped x̂_0
-    mean = c_x0 * x0 + c_eps * eps  # DDIM eq. 12 without σ z
+    x0, eps, mean = ddim_mean(diffusion, model, x_t, t_batch, c_x0, c_eps, clip_denoised)
     sample = mean + math.sqrt(var) * randn(x_t.shape, generator, x_t.device, x_t.dtype) if var > 0 else mean
     return {"sample": sample, "mean": mean, "variance": var, "pred_x0": x0, "pred_eps": eps}
+
+
+def ddim_mean(diffusion: GaussianDiffusion, model: Model, x_t: Tensor, t: Tensor, c_x0: float | Tensor,
+              c_eps: float | Tensor, clip_denoised: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """x̂_0, ε̂ and DDIM eq. 12 without σ z, c_x0 · x̂_0 + c_eps · ε̂, at timestep indices t [B]; the coefficients
+    (``ddim_coefficients``) as floats, or as device tensors for a step recorded in a CUDA graph (``graphed``)."""
+    x0 = diffusion.p_mean_variance(model, x_t, t, clip_denoised)["pred_x0"]  # x̂_0 (eq. 15 for ε)
+    eps = diffusion.predict_eps_from_x0(x_t, t, x0)  # ε̂ consistent with the clipped x̂_0
+    return x0, eps, c_x0 * x0 + c_eps * eps
 
 
 def ddim_coefficients(diffusion: GaussianDiffusion, t: int, t_prev: int, eta: float) -> tuple[float, float, float]:
